@@ -1,0 +1,36 @@
+"""Image backbones producing token grids + pooled features; :func:`build_backbone` is the entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from protohead.backbones.base import Backbone
+from protohead.backbones.efficientnet_lite import EfficientNetLite0Backbone
+from protohead.backbones.timm_backbone import TimmBackbone
+
+__all__ = ["BACKBONE_NAMES", "Backbone", "EfficientNetLite0Backbone", "TimmBackbone", "build_backbone"]
+
+BACKBONE_NAMES = ("efficientnet_lite0", "timm:<timm model name>")
+
+
+def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224,
+                   weights_path: str | Path | None = None, **kwargs: Any) -> Backbone:
+    """Build a backbone by name.
+
+    Args:
+        name: ``"efficientnet_lite0"`` (default, pretrained weights ship with the package) or
+            ``"timm:<model>"`` (e.g. ``"timm:vit_small_patch16_224"``; needs ``pip install -e .[timm]``).
+        image_size: input side ``S``.
+        weights_path: local weights file (``.pth``/``.pt``/``.bin`` state dict or ``.safetensors``).
+        **kwargs: passed to the backbone class (``trainable``; for timm also ``pretrained``, ``pooled``).
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
+    if name == "efficientnet_lite0":
+        return EfficientNetLite0Backbone(image_size=image_size, weights_path=weights_path, **kwargs)
+    if name.startswith("timm:") and len(name) > len("timm:"):
+        return TimmBackbone(name[len("timm:"):], image_size=image_size, weights_path=weights_path, **kwargs)
+    raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONE_NAMES)} "
+                     "(e.g. 'timm:vit_small_patch16_224')")

@@ -1,0 +1,154 @@
+"""The data contract every loader returns: named splits of labelled images, loaded lazily.
+
+Downstream code (feature extraction, training, evaluation) depends only on this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    """One split of a dataset.
+
+    Attributes:
+        name: "train", "val" or "test".
+        ids: stable image identifiers, one per image (e.g. ``ISIC_0024306``), unique within the split.
+        labels: (n,) int64 class indices in ``[0, num_classes)``.
+        loader: ``loader(i) -> np.ndarray`` (H, W, 3) uint8 RGB for image ``i``; raises ``ValueError``
+            naming the file when an image cannot be read.
+        groups: optional grouping key per image (HAM10000 ``lesion_id``), for grouped splits.
+        sources: optional human-readable source per image (file path), for explanations and errors.
+        content_key: a string that changes whenever the underlying files change (e.g. sizes + mtimes);
+            part of the feature-cache key.
+    """
+
+    name: str
+    ids: tuple[str, ...]
+    labels: np.ndarray
+    loader: Callable[[int], np.ndarray] = field(repr=False, compare=False)
+    groups: tuple[str, ...] | None = None
+    sources: tuple[str, ...] | None = None
+    content_key: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> np.ndarray:
+        return self.loader(index)
+
+    def fingerprint(self) -> str:
+        """sha256 over the exact ordered image list, labels and content key."""
+        digest = hashlib.sha256()
+        digest.update(self.name.encode())
+        for image_id, label in zip(self.ids, self.labels.tolist(), strict=True):
+            digest.update(f"{image_id}:{label};".encode())
+        digest.update(self.content_key.encode())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """A dataset: class names plus its splits (at least train, val and test)."""
+
+    name: str
+    class_names: tuple[str, ...]
+    splits: dict[str, ImageSplit]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_counts(self, split: str = "train") -> np.ndarray:
+        """(C,) number of images per class in ``split``."""
+        return np.bincount(self.splits[split].labels, minlength=self.num_classes)
+
+    def subset(self, per_class: dict[str, int] | int, seed: int = 0,
+               splits: Sequence[str] = ("train", "val", "test")) -> ImageDataset:
+        """A stratified subset: at most ``per_class`` images of every class in each split (deterministic)."""
+        rng = np.random.default_rng(seed)
+        new_splits = dict(self.splits)
+        for split_name in splits:
+            split = self.splits[split_name]
+            limit = per_class if isinstance(per_class, int) else per_class[split_name]
+            keep: list[int] = []
+            for c in range(self.num_classes):
+                idx = np.flatnonzero(split.labels == c)
+                if len(idx) > limit:
+                    idx = np.sort(rng.choice(idx, size=limit, replace=False))
+                keep.extend(idx.tolist())
+            keep.sort()
+            new_splits[split_name] = take(split, keep)
+        return ImageDataset(self.name, self.class_names, new_splits)
+
+
+def take(split: ImageSplit, indices: Sequence[int]) -> ImageSplit:
+    """The images ``indices`` of ``split``, in that order."""
+    indices = list(indices)
+    loader = split.loader
+    return ImageSplit(
+        name=split.name,
+        ids=tuple(split.ids[i] for i in indices),
+        labels=split.labels[np.asarray(indices, dtype=np.int64)] if indices else split.labels[:0],
+        loader=lambda j: loader(indices[j]),
+        groups=None if split.groups is None else tuple(split.groups[i] for i in indices),
+        sources=None if split.sources is None else tuple(split.sources[i] for i in indices),
+        content_key=split.content_key,
+    )
+
+
+# --- small helpers shared by the file-based loaders -------------------------------------------------
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """Read the image at ``path`` as (H, W, 3) uint8 RGB; raises ``ValueError`` naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+
+
+class FileLoader:
+    """A picklable ``loader(i) -> (H, W, 3) uint8`` over a tuple of image paths."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = tuple(paths)
+
+    def __call__(self, index: int) -> np.ndarray:
+        return read_rgb(self.paths[index])
+
+
+def files_content_key(paths: Sequence[str], names: Sequence[str] | None = None) -> str:
+    """sha256 of the sorted (name, size, mtime_ns) of ``paths`` (cheap: stats only, no reads).
+
+    ``names`` (default: the paths) are what enters the hash, so moving a dataset folder keeps the key.
+    Raises ``ValueError`` listing the first few files that do not exist.
+    """
+    import os
+
+    names = list(paths) if names is None else list(names)
+    entries: list[tuple[str, int, int]] = []
+    missing: list[str] = []
+    for path, name in zip(paths, names, strict=True):
+        try:
+            st = os.stat(path)
+        except OSError:
+            missing.append(str(path))
+            continue
+        entries.append((str(name), st.st_size, st.st_mtime_ns))
+    if missing:
+        raise ValueError(f"{len(missing)} image file(s) missing, e.g. {', '.join(missing[:5])}")
+    digest = hashlib.sha256()
+    for name, size, mtime in sorted(entries):
+        digest.update(f"{name}:{size}:{mtime};".encode())
+    return digest.hexdigest()

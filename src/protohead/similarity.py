@@ -1,0 +1,62 @@
+"""Similarities between a sample's pooled embedding and its (adapted) prototypes. Pure functions.
+
+Every function returns a pair ``(similarity, distance)`` of the same shape; logits use the similarity,
+prototype losses (cluster, separation) use the distance.
+
+- ``cosine``: s = cos(x, p), d = 1 − s.
+- ``l2``: d = ‖x − p‖² / D (squared Euclidean, scaled by the dimension so margins stay meaningful
+  whatever D is), s = −d.
+- ``log_activation`` (ProtoPNet): d as for ``l2``, s = log((d + 1) / (d + 1e-4)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+def prototype_similarity(embedding: torch.Tensor, prototypes: torch.Tensor,
+                         distance: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarity and distance of each sample to each prototype.
+
+    Args:
+        embedding: (B, D) pooled sample embeddings.
+        prototypes: (B, C, M, D) per-sample adapted prototypes, or (C, M, D) shared ones.
+        distance: ``cosine``, ``l2`` or ``log_activation``.
+
+    Returns:
+        (similarity, distance), each (B, C, M).
+    """
+    if prototypes.dim() == 3:
+        prototypes = prototypes.unsqueeze(0).expand(embedding.shape[0], *prototypes.shape)
+    if distance == "cosine":
+        sim = torch.einsum("bd,bcmd->bcm", F.normalize(embedding, dim=-1), F.normalize(prototypes, dim=-1))
+        return sim, 1.0 - sim
+    if distance in ("l2", "log_activation"):
+        dim = embedding.shape[-1]
+        diff = prototypes - embedding[:, None, None, :]
+        dist = diff.pow(2).sum(-1) / dim
+        if distance == "l2":
+            return -dist, dist
+        return torch.log((dist + 1.0) / (dist + 1e-4)), dist
+    raise ValueError(f"unknown distance {distance!r}; choose cosine, l2 or log_activation")
+
+
+def masked_max(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over the last axis among valid entries.
+
+    Args:
+        values: (..., C, M).
+        valid: (C, M) bool; every row must hold at least one True.
+
+    Returns:
+        (max, argmax), each (..., C). Invalid entries take no part and receive exactly zero gradient.
+    """
+    return values.masked_fill(~valid, NEG_INF).max(dim=-1)
+
+
+def masked_min(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Min over the last axis among valid entries: (..., C, M) with (C, M) mask → (..., C)."""
+    return values.masked_fill(~valid, float("inf")).amin(dim=-1)
