@@ -170,7 +170,7 @@ def test_accuracy_at_coverage_float_rounding() -> None:
 
 def accuracy_at_coverage_oracle(correct: np.ndarray, uncertainty: np.ndarray, coverage: float) -> float:
     n = len(correct)
-    k = round(coverage * n * 1000) // 1000 if (coverage * n * 1000) % 1000 == 0 else math.ceil(coverage * n)
+    k = math.ceil(round(coverage * n, 9))
     order = sorted(range(n), key=lambda i: uncertainty[i])  # stable
     return sum(bool(correct[i]) for i in order[:k]) / k
 
@@ -276,6 +276,7 @@ def test_compute_metrics_tolerates_small_row_sum_error() -> None:
         (np.array([[0.5, 0.5], [0.5, 0.5]]), np.array([0, 1, 1]), "length mismatch"),
         (np.array([[0.6, 0.6], [0.5, 0.5]]), np.array([0, 1]), "sum to 1"),
         (np.array([0.5, 0.5]), np.array([0]), "2-D"),
+        (np.array([[1.2, -0.2], [0.5, 0.5]]), np.array([0, 1]), "negative"),
         (np.zeros((0, 3)), np.array([], dtype=int), "at least one"),
     ],
 )

@@ -1,0 +1,215 @@
+"""Each vectorised loss equals a plain per-class / per-sample loop oracle written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from protohead import losses
+
+# ------------------------------------------------------------------ oracles (plain loops, no masking tricks)
+
+
+def oracle_cluster(dist, counts, labels, weights):
+    num, den = 0.0, 0.0
+    for c in range(dist.shape[1]):
+        rows = [i for i in range(len(labels)) if labels[i] == c]
+        if not rows:
+            continue
+        mins = [min(float(dist[i, c, k]) for k in range(counts[c])) for i in rows]
+        w = 1.0 if weights is None else float(weights[c])
+        num += w * sum(mins) / len(mins)
+        den += w
+    return num / den
+
+
+def oracle_separation(dist, counts, labels, margin, form):
+    if dist.shape[1] < 2:
+        return 0.0
+    values = []
+    for i in range(len(labels)):
+        nearest = min(float(dist[i, c, k]) for c in range(dist.shape[1]) if c != labels[i]
+                      for k in range(counts[c]))
+        values.append(max(0.0, margin - nearest) if form == "margin" else nearest)
+    return sum(values) / len(values)
+
+
+def cos(a, b):
+    return float(torch.dot(a, b) / (a.norm() * b.norm()))
+
+
+def oracle_diversity(protos, counts, threshold):
+    per_class = []
+    for c in range(protos.shape[0]):
+        pairs = [(j, k) for j in range(counts[c]) for k in range(j + 1, counts[c])]
+        if pairs:
+            per_class.append(sum(max(0.0, cos(protos[c, j], protos[c, k]) - threshold) for j, k in pairs)
+                             / len(pairs))
+    return sum(per_class) / len(per_class) if per_class else 0.0
+
+
+def oracle_contrastive(protos, counts, pairs):
+    items = [(c, protos[c, k]) for c in range(protos.shape[0]) for k in range(counts[c])]
+    values = [cos(u, v) for i, (cu, u) in enumerate(items) for j, (cv, v) in enumerate(items)
+              if i != j and (pairs == "all" or cu != cv)]
+    return sum(values) / len(values) if values else 0.0
+
+
+def oracle_orthogonality(protos, counts):
+    total = 0.0
+    for c in range(protos.shape[0]):
+        p = F.normalize(protos[c, : counts[c]], dim=-1)
+        total += float(((p @ p.t() - torch.eye(counts[c])) ** 2).sum())
+    return total / protos.shape[0]
+
+
+def oracle_ce(logits, labels, weights, gamma):
+    num, den = 0.0, 0.0
+    for i in range(len(labels)):
+        p = torch.softmax(logits[i].double(), 0)[labels[i]]
+        loss = -math.log(p) * (1 - float(p)) ** gamma
+        w = 1.0 if weights is None else float(weights[labels[i]])
+        num += w * loss
+        den += w
+    return num / den
+
+
+def oracle_abstention(logits, abstain, labels, scale):
+    nll, pen = [], []
+    for i in range(len(labels)):
+        z = torch.cat([logits[i], abstain[i : i + 1]]).double()
+        alpha = float(torch.softmax(z, 0)[-1])
+        p = torch.softmax(logits[i].double(), 0)
+        virtual = (1 - alpha) * p
+        virtual[labels[i]] += alpha
+        nll.append(-math.log(float(virtual[labels[i]])))
+        pen.append(-math.log(1 - alpha))
+    return sum(nll) / len(nll) + scale * sum(pen) / len(pen), sum(pen) / len(pen)
+
+
+# ------------------------------------------------------------------ cases
+
+
+def make_case(seed, batch, num_classes, max_slots, counts=None, labels=None):
+    g = torch.Generator().manual_seed(seed)
+    dist = torch.rand(batch, num_classes, max_slots, generator=g, dtype=torch.float64) * 2
+    protos = torch.randn(num_classes, max_slots, 6, generator=g, dtype=torch.float64)
+    if counts is None:
+        counts = torch.randint(1, max_slots + 1, (num_classes,), generator=g).tolist()
+    valid = torch.arange(max_slots)[None, :] < torch.tensor(counts)[:, None]
+    if labels is None:
+        labels = torch.randint(0, num_classes, (batch,), generator=g)
+    return dist, protos, counts, valid, torch.as_tensor(labels)
+
+
+CASES = [
+    dict(seed=0, batch=16, num_classes=7, max_slots=5),
+    dict(seed=1, batch=9, num_classes=5, max_slots=4, labels=[0, 0, 1, 1, 1, 0, 1, 0, 0]),  # absent classes
+    dict(seed=2, batch=1, num_classes=4, max_slots=3),  # one sample
+    dict(seed=3, batch=6, num_classes=1, max_slots=3, counts=[3]),  # one class only
+    dict(seed=4, batch=8, num_classes=3, max_slots=4, counts=[1, 4, 2]),  # a class with one prototype
+    dict(seed=5, batch=12, num_classes=6, max_slots=1, counts=[1] * 6),  # one prototype everywhere
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cluster_matches_oracle(case, weighted):
+    dist, _, counts, valid, labels = make_case(**case)
+    weights = torch.rand(dist.shape[1], dtype=torch.float64) + 0.1 if weighted else None
+    got = losses.cluster_loss(dist, valid, labels, weights)
+    assert float(got) == pytest.approx(oracle_cluster(dist, counts, labels, weights), rel=1e-9, abs=1e-12)
+
+
+def test_cluster_absent_class_takes_no_weight():
+    dist, _, _, valid, labels = make_case(seed=7, batch=10, num_classes=4, max_slots=2, labels=[0] * 5 + [1] * 5)
+    weights = torch.tensor([1.0, 2.0, 1000.0, 1000.0], dtype=torch.float64)
+    reference = losses.cluster_loss(dist, valid, labels, weights)
+    weights[2:] = 1e-3  # changing absent classes' weights changes nothing
+    assert torch.equal(losses.cluster_loss(dist, valid, labels, weights), reference)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("form", ["margin", "unbounded"])
+def test_separation_matches_oracle(case, form):
+    dist, _, counts, valid, labels = make_case(**case)
+    got = losses.separation_loss(dist, valid, labels, margin=0.9, form=form)
+    assert float(got) == pytest.approx(oracle_separation(dist, counts, labels, 0.9, form), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_diversity_matches_oracle(case):
+    _, protos, counts, valid, _ = make_case(**case)
+    got = losses.diversity_loss(protos, valid, threshold=0.1)
+    assert float(got) == pytest.approx(oracle_diversity(protos, counts, 0.1), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("pairs", ["different_class", "all"])
+def test_contrastive_matches_oracle(case, pairs):
+    _, protos, counts, valid, _ = make_case(**case)
+    got = losses.contrastive_loss(protos, valid, pairs)
+    assert float(got) == pytest.approx(oracle_contrastive(protos, counts, pairs), rel=1e-9, abs=1e-12)
+
+
+def test_contrastive_all_pairs_pushes_same_class_prototypes_apart():
+    """§2.3: the legacy form has a gradient on same-class pairs; the fixed form has none."""
+    protos = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    protos_one_class = protos[:1]
+    fixed = losses.contrastive_loss(protos_one_class, valid[:1], "different_class")
+    legacy = losses.contrastive_loss(protos_one_class, valid[:1], "all")
+    assert float(fixed.detach()) == 0.0
+    (grad_legacy,) = torch.autograd.grad(legacy, protos)
+    assert grad_legacy.abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_orthogonality_matches_oracle(case):
+    _, protos, counts, valid, _ = make_case(**case)
+    got = losses.orthogonality_loss(protos, valid)
+    assert float(got) == pytest.approx(oracle_orthogonality(protos, counts), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(("weighted", "gamma"), [(False, 0.0), (True, 0.0), (True, 2.0)])
+def test_cross_entropy_matches_oracle(case, weighted, gamma):
+    dist, _, _, _, labels = make_case(**case)
+    logits = dist[:, :, 0] * 3
+    weights = torch.rand(dist.shape[1], dtype=torch.float64) + 0.1 if weighted else None
+    got = losses.cross_entropy_loss(logits, labels, weights, gamma)
+    assert float(got) == pytest.approx(oracle_ce(logits, labels, weights, gamma), rel=1e-9)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_abstention_matches_oracle(case):
+    dist, _, _, _, labels = make_case(**case)
+    logits = dist[:, :, 0] * 3
+    abstain = dist[:, 0, -1] * 2
+    total, penalty = losses.abstention_loss(logits, abstain, labels, scale=0.1)
+    want_total, want_penalty = oracle_abstention(logits, abstain, labels, 0.1)
+    assert float(total) == pytest.approx(want_total, rel=1e-9)
+    assert float(penalty) == pytest.approx(want_penalty, rel=1e-9)
+
+
+def test_class_weights_schemes():
+    counts = torch.tensor([4693, 80, 99, 0])
+    inv = losses.class_weights(counts, "inv_sqrt")
+    assert float(inv.mean()) == pytest.approx(1.0)
+    ratio = float(inv[1] / inv[0])
+    assert ratio == pytest.approx(math.sqrt(4693 / 80), rel=1e-5)
+    cb = losses.class_weights(counts, "effective_number", beta=0.9999)
+    expect = [(1 - 0.9999) / (1 - 0.9999 ** max(n, 1)) for n in counts.tolist()]
+    expect = torch.tensor(expect) / torch.tensor(expect).mean()
+    torch.testing.assert_close(cb, expect.float())
+    # β matters: a smaller β weighs the classes more evenly
+    assert float(losses.class_weights(counts, "effective_number", beta=0.9)[1]) != pytest.approx(float(cb[1]))
+
+
+def test_uncertainty_weighting_formula():
+    s = torch.tensor([0.3, -0.2])
+    got = losses.uncertainty_weighted_total(torch.tensor(2.0), torch.tensor(0.5), s)
+    assert float(got) == pytest.approx(math.exp(-0.3) * 2 + 0.3 + math.exp(0.2) * 0.5 - 0.2)
