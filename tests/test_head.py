@@ -74,11 +74,14 @@ def test_preset_trains_with_finite_gradients(preset):
     assert head.bank.prototypes.grad is not None and head.bank.prototypes.grad.abs().sum() > 0
 
 
+MODES = [("full", "sequential"), ("class", "sequential"), ("full", "parallel"), ("class", "parallel")]
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-@pytest.mark.parametrize("scope", ["full", "class"])
-def test_batch_invariance(preset, scope):
+@pytest.mark.parametrize(("scope", "mixing"), MODES)
+def test_batch_invariance(preset, scope, mixing):
     torch.manual_seed(1)
-    head = HeadOptimal(preset=preset, **SMALL, attention_scope=scope).eval()
+    head = HeadOptimal(preset=preset, **SMALL, attention_scope=scope, mixing=mixing).eval()
     pool, img, _ = batch(b=33, seed=3)
     with torch.no_grad():
         together, _, info_together = head(pool, img)
@@ -89,10 +92,11 @@ def test_batch_invariance(preset, scope):
     torch.testing.assert_close(info_alone["uncertainty"][0], info_together["uncertainty"][0], atol=1e-5, rtol=0)
 
 
-def test_checkpointed_chunks_match_unchunked():
+@pytest.mark.parametrize(("scope", "mixing"), [("class", "sequential"), ("full", "parallel"), ("class", "parallel")])
+def test_checkpointed_chunks_match_unchunked(scope, mixing):
     torch.manual_seed(2)
-    head = HeadOptimal(**SMALL, attention_scope="class", dropout=0.0)
-    chunked = HeadOptimal(**SMALL, attention_scope="class", dropout=0.0, checkpoint_chunk_slots=8)
+    head = HeadOptimal(**SMALL, attention_scope=scope, mixing=mixing, dropout=0.0)
+    chunked = HeadOptimal(**SMALL, attention_scope=scope, mixing=mixing, dropout=0.0, checkpoint_chunk_slots=8)
     chunked.load_state_dict(head.state_dict())
     pool, img, labels = batch()
     _, loss_a, _ = head(pool, img, labels)
@@ -104,10 +108,10 @@ def test_checkpointed_chunks_match_unchunked():
 
 
 @pytest.mark.parametrize("preset", ["basic", "optimal", "protopnet"])
-@pytest.mark.parametrize("scope", ["full", "class"])
-def test_unused_slots_are_inert(preset, scope):
+@pytest.mark.parametrize(("scope", "mixing"), MODES)
+def test_unused_slots_are_inert(preset, scope, mixing):
     torch.manual_seed(3)
-    head = HeadOptimal(preset=preset, **SMALL, attention_scope=scope, dropout=0.0)
+    head = HeadOptimal(preset=preset, **SMALL, attention_scope=scope, mixing=mixing, dropout=0.0)
     pool, img, labels = batch()
     valid = head.bank.valid.clone()
     assert not valid.all()

@@ -1,22 +1,19 @@
 """Per-sample mixed attention over the prototype bank.
 
-For each sample independently (no token or prototype of one sample ever meets another sample's):
+For each sample independently (no token or prototype of one sample ever meets another sample's),
+the prototypes cross-attend to the sample's own patch tokens, self-attention and a light self-attention
+(half the heads) relate the prototypes, a per-prototype 3-way softmax gate fuses the three outputs, and
+an FFN + LayerNorm follows. Two orderings (``mixing``), see :class:`MixedAttentionBlock`:
 
-1. cross:  prototypes attend to the sample's own patch tokens          x₁ = LN(p + CrossAttn(p, t))
-2. self:   the adapted prototypes attend to each other                 x₂ = LN(x₁ + SelfAttn(x₁))
-3. light:  a second self-attention with half the heads                 x₃ = LN(x₂ + LightAttn(x₂))
-4. gate:   per-prototype softmax over the three outputs               g = softmax(W[x₁;x₂;x₃])
-5. FFN:    out = LN(f + FFN(f)),  f = g₁x₁ + g₂x₂ + g₃x₃   (``fusion="last"``: f = x₃, head.py's behaviour)
+- ``sequential``: cross → self → light → gate → FFN, all per sample (the document's block);
+- ``parallel``: self → light → FFN on the bank once per step, cross per sample, gate per sample.
 
-Self-attention runs over all C·M prototypes (``scope="full"``, the document's behaviour, O((C·M)²) per
-sample) or within each class (``scope="class"``, O(C·M²), what large C needs). Unused prototype slots
-are masked as keys everywhere and dropped by the caller, so they neither influence outputs nor receive
-gradient.
+Self-attention runs over all C·M prototypes (``scope="full"``, O((C·M)²)) or within each class
+(``scope="class"``, O(C·M²)). Unused prototype slots are masked as keys everywhere and dropped by the
+caller, so they neither influence outputs nor receive gradient.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -54,33 +51,44 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Prototypes (queries, shared) attend to one sample's tokens (keys/values)."""
+    """Prototypes (queries, shared by all samples) attend to one sample's tokens (keys/values).
 
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+    Heads are concatenated without an output projection: on the (B, C·M, D) per-sample tensor that
+    projection would be the single largest cost of a step (B·C·M·D² multiply-adds), and the following
+    LayerNorm, gate and (sequential mixing) self-attention already mix the heads.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
 
     def forward(self, prototypes: torch.Tensor, tokens: torch.Tensor,
                 return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """prototypes: (P, D); tokens: (B, N, D) → ((B, P, D), weights (B, P, N) head-averaged or None)."""
-        q = _split_heads(self.q(prototypes), self.heads)  # (h, P, d)
+        q = _split_heads(self.q(prototypes), self.heads)  # (h, P, d), computed once for the batch
+        q = q * q.shape[-1] ** -0.5
         k, v = (_split_heads(t, self.heads) for t in self.kv(tokens).chunk(2, dim=-1))  # (B, h, N, d)
-        scores = torch.matmul(q.unsqueeze(0), k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, h, P, N)
-        weights = scores.softmax(dim=-1)
-        attended = _merge_heads(torch.matmul(self.drop(weights), v))
-        return self.out(attended), (weights.mean(dim=1) if return_weights else None)
+        weights = torch.matmul(q, k.transpose(-1, -2)).softmax(dim=-1)  # (B, h, P, N)
+        attended = _merge_heads(torch.matmul(weights, v))
+        return attended, (weights.mean(dim=1) if return_weights else None)
 
 
 class MixedAttentionBlock(nn.Module):
-    """cross → self → light self → 3-way gate → FFN, per sample."""
+    """Cross, self and light self-attention fused by a per-prototype 3-way gate, then an FFN.
+
+    ``mixing="sequential"`` (the document's block, all per sample): x₁ = cross(p, t), x₂ = self(x₁),
+    x₃ = light(x₂), f = gate(x₁, x₂, x₃), out = LN(f + FFN(f)). Cost per sample ∝ C·M·D².
+
+    ``mixing="parallel"`` (scalable): the self and light branches and the FFN run once per step on the
+    bank (they do not depend on the sample): s = self(p), l = LN(light(s) + FFN(light(s))); per sample only
+    x = cross(p, t) and out = gate(x, s, l). Cost per sample ∝ C·M·N·D, so a step stays cheap at large C.
+    """
 
     def __init__(self, dim: int, heads: int, dropout: float, ffn_ratio: int, fusion: str = "gate3") -> None:
         super().__init__()
-        self.cross = CrossAttention(dim, heads, dropout)
+        self.cross = CrossAttention(dim, heads)
         self.self_attn = SelfAttention(dim, heads, dropout)
         self.light_attn = SelfAttention(dim, max(1, heads // 2), dropout)
         self.norm_cross = nn.LayerNorm(dim)
@@ -93,36 +101,69 @@ class MixedAttentionBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fusion = fusion
 
+    @staticmethod
+    def key_mask(valid: torch.Tensor, scope: str, batched: bool) -> torch.Tensor:
+        """Boolean key mask for self-attention over (B?, C·M, D) (full) or (B?, C, M, D) (class)."""
+        num_classes, max_slots = valid.shape
+        if scope == "full":
+            return valid.reshape(*(1,) * batched, 1, 1, -1)
+        return valid.reshape(*(1,) * batched, num_classes, 1, 1, max_slots)
+
+    def _self_branches(self, x: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x2 = self.norm_self(x + self.drop(self.self_attn(x, key_mask)))
+        x3 = self.norm_light(x2 + self.drop(self.light_attn(x2, key_mask)))
+        return x2, x3
+
+    def _fuse(self, x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        if self.fusion == "last":
+            return x3.expand_as(x1)
+        dim = x1.shape[-1]
+        weight = self.gate.weight
+        # W[x1; x2; x3] without materialising the concatenation
+        logits = (F.linear(x1, weight[:, :dim], self.gate.bias) + F.linear(x2, weight[:, dim:2 * dim])
+                  + F.linear(x3, weight[:, 2 * dim:]))
+        gate = logits.softmax(dim=-1)
+        return gate[..., 0:1] * x1 + gate[..., 1:2] * x2 + gate[..., 2:3] * x3
+
+    def bank_context(self, prototypes: torch.Tensor, valid: torch.Tensor, scope: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parallel mixing: the sample-independent self and light branches, (C, M, D) each."""
+        num_classes, max_slots, dim = prototypes.shape
+        x = prototypes.reshape(-1, dim) if scope == "full" else prototypes
+        s, light = self._self_branches(x, self.key_mask(valid, scope, batched=False))
+        light = self.norm_out(light + self.drop(self.ffn(light)))
+        return s.reshape(num_classes, max_slots, dim), light.reshape(num_classes, max_slots, dim)
+
     def forward(self, prototypes: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, scope: str,
-                return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_weights: bool = False, context: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Adapt the prototypes to each sample.
 
         Args:
             prototypes: (C, M, D) bank values (a chunk of classes is fine with ``scope="class"``).
             valid: (C, M) bool.
             tokens: (B, N, D) projected patch tokens.
-            scope: ``full`` or ``class``.
+            scope: ``full`` or ``class`` (self-attention over all prototypes, or within each class).
+            context: parallel mixing only: ``bank_context`` for these classes; None → sequential mixing.
 
         Returns:
             (adapted (B, C, M, D), cross-attention weights (B, C, M, N) or None).
         """
         num_classes, max_slots, dim = prototypes.shape
         cross, weights = self.cross(prototypes.reshape(-1, dim), tokens, return_weights)
-        x1 = self.norm_cross(prototypes.reshape(1, -1, dim) + self.drop(cross))  # (B, C·M, D)
+        if context is None:
+            cross = self.drop(cross)  # parallel mixing skips dropout on its (B, C·M, D) tensors: cost
+        x1 = self.norm_cross(prototypes.reshape(1, -1, dim) + cross)  # (B, C·M, D)
         batch = x1.shape[0]
-        if scope == "full":
-            key_mask = valid.reshape(1, 1, 1, -1)
+        if context is None:
+            if scope == "class":
+                x1 = x1.reshape(batch, num_classes, max_slots, dim)
+            x2, x3 = self._self_branches(x1, self.key_mask(valid, scope, batched=True))
+            fused = self._fuse(x1, x2, x3)
+            out = self.norm_out(fused + self.drop(self.ffn(fused)))
         else:
-            x1 = x1.reshape(batch, num_classes, max_slots, dim)
-            key_mask = valid.reshape(1, num_classes, 1, 1, max_slots)
-        x2 = self.norm_self(x1 + self.drop(self.self_attn(x1, key_mask)))
-        x3 = self.norm_light(x2 + self.drop(self.light_attn(x2, key_mask)))
-        if self.fusion == "gate3":
-            gate = self.gate(torch.cat([x1, x2, x3], dim=-1)).softmax(dim=-1)
-            fused = gate[..., 0:1] * x1 + gate[..., 1:2] * x2 + gate[..., 2:3] * x3
-        else:
-            fused = x3
-        out = self.norm_out(fused + self.drop(self.ffn(fused)))
+            s, light = (t.reshape(1, -1, dim) for t in context)
+            out = self._fuse(x1, s, light)
         out = out.reshape(batch, num_classes, max_slots, dim)
         if weights is not None:
             weights = weights.reshape(batch, num_classes, max_slots, -1)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 Distance = Literal["cosine", "l2", "log_activation"]
 AttentionScope = Literal["full", "class", "auto"]
+Mixing = Literal["sequential", "parallel", "auto"]
 
 # Self-attention over all C·M prototypes costs O((C·M)²) per sample. Measured in BENCHMARKS.md:
 # up to this many prototype slots the full form is affordable; beyond it "auto" attends within classes.
@@ -37,6 +38,7 @@ class HeadConfig:
     # attention
     use_attention: bool = True
     attention_scope: AttentionScope = "auto"
+    mixing: Mixing = "auto"
     fusion: Literal["gate3", "last"] = "gate3"
     checkpoint_chunk_slots: int = 2048
     # classification term
@@ -83,6 +85,7 @@ class HeadConfig:
         if self.use_attention and self.num_heads >= 2 and (self.emb_dim // 2) % (self.num_heads // 2):
             raise ValueError("emb_dim must be divisible by num_heads // 2 for the light self-attention")
         choices = {"distance": ("cosine", "l2", "log_activation"), "attention_scope": ("full", "class", "auto"),
+                   "mixing": ("sequential", "parallel", "auto"),
                    "fusion": ("gate3", "last"), "separation_form": ("margin", "unbounded"),
                    "contrastive_pairs": ("different_class", "all")}
         for name, allowed in choices.items():
@@ -114,6 +117,12 @@ class HeadConfig:
             return self.attention_scope
         slots = self.num_classes * self.max_prototypes
         return "full" if slots <= AUTO_FULL_SCOPE_MAX_SLOTS else "class"
+
+    def resolved_mixing(self) -> Literal["sequential", "parallel"]:
+        """``auto`` → ``sequential`` up to AUTO_FULL_SCOPE_MAX_SLOTS prototype slots, else ``parallel``."""
+        if self.mixing != "auto":
+            return self.mixing
+        return "sequential" if self.num_classes * self.max_prototypes <= AUTO_FULL_SCOPE_MAX_SLOTS else "parallel"
 
     def replace(self, **changes: Any) -> HeadConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -107,12 +107,13 @@ class HeadOptimal(nn.Module):
         return self.proj(pool_features), self.proj(img_features)
 
     def _scores(self, prototypes: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, embedding: torch.Tensor,
-                scope: str, return_weights: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                scope: str, return_weights: bool, context: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(C', M, D) bank chunk → similarity, distance (B, C', M) and optional attention (B, C', M, N)."""
         if self.attention is None:
             sim, dist = prototype_similarity(embedding, prototypes, self.config.distance)
             return sim, dist, None
-        adapted, weights = self.attention(prototypes, valid, tokens, scope, return_weights)
+        adapted, weights = self.attention(prototypes, valid, tokens, scope, return_weights, context)
         sim, dist = prototype_similarity(embedding, adapted, self.config.distance)
         return sim, dist, weights
 
@@ -120,20 +121,26 @@ class HeadOptimal(nn.Module):
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Similarity and distance (B, C, M) of projected samples to their adapted prototypes.
 
-        With ``scope="class"`` and more than ``checkpoint_chunk_slots`` slots, classes are processed in
-        chunks (activation-checkpointed when training) so memory stays bounded at large C.
+        When the per-sample work can be split by class (``scope="class"`` or parallel mixing) and there
+        are more than ``checkpoint_chunk_slots`` slots, classes are processed in chunks, activation-
+        checkpointed when training, so memory stays bounded at large C.
         """
         prototypes, valid = self.bank.prototypes, self.bank.valid
         scope = self.config.resolved_attention_scope()
+        context = None
+        if self.attention is not None and self.config.resolved_mixing() == "parallel":
+            context = self.attention.bank_context(prototypes, valid, scope)
         num_classes, max_slots, _ = prototypes.shape
         chunk = max(1, self.config.checkpoint_chunk_slots // max_slots)
-        if self.attention is None or scope == "full" or num_classes <= chunk:
-            return self._scores(prototypes, valid, tokens, embedding, scope, return_weights)
+        splittable = context is not None or scope == "class"
+        if self.attention is None or not splittable or num_classes <= chunk:
+            return self._scores(prototypes, valid, tokens, embedding, scope, return_weights, context)
         use_checkpoint = torch.is_grad_enabled() and self.training
         parts = []
         for start in range(0, num_classes, chunk):
-            args = (prototypes[start:start + chunk], valid[start:start + chunk], tokens, embedding, scope,
-                    return_weights)
+            part = slice(start, start + chunk)
+            args = (prototypes[part], valid[part], tokens, embedding, scope, return_weights,
+                    None if context is None else (context[0][part], context[1][part]))
             parts.append(checkpoint(self._scores, *args, use_reentrant=False) if use_checkpoint
                          else self._scores(*args))
         sims, dists, weights = zip(*parts, strict=True)

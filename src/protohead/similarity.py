@@ -32,7 +32,8 @@ def prototype_similarity(embedding: torch.Tensor, prototypes: torch.Tensor,
     if prototypes.dim() == 3:
         prototypes = prototypes.unsqueeze(0).expand(embedding.shape[0], *prototypes.shape)
     if distance == "cosine":
-        sim = torch.einsum("bd,bcmd->bcm", F.normalize(embedding, dim=-1), F.normalize(prototypes, dim=-1))
+        dots = torch.einsum("bd,bcmd->bcm", F.normalize(embedding, dim=-1), prototypes)
+        sim = dots / prototypes.norm(dim=-1).clamp_min(1e-12)  # no normalised (B, C, M, D) copy
         return sim, 1.0 - sim
     if distance in ("l2", "log_activation"):
         dim = embedding.shape[-1]
