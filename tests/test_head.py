@@ -230,3 +230,23 @@ def test_pooled_vector_with_singleton_axis_is_accepted():
         a, _, _ = head(pool, img)
         b, _, _ = head(pool, img[:, None, :])
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "l2", "log_activation"])
+def test_shared_and_per_sample_similarity_agree(distance):
+    from protohead.similarity import prototype_similarity
+
+    g = torch.Generator().manual_seed(5)
+    emb, protos = torch.randn(4, 8, generator=g, dtype=torch.float64), torch.randn(3, 2, 8, generator=g,
+                                                                                  dtype=torch.float64)
+    shared = prototype_similarity(emb, protos, distance)
+    per_sample = prototype_similarity(emb, protos.expand(4, 3, 2, 8), distance)
+    for a, b in zip(shared, per_sample, strict=True):
+        torch.testing.assert_close(a, b)
+    # cosine is the cosine; L2 is the dimension-scaled squared distance
+    d = ((emb[1] - protos[2, 1]) ** 2).sum() / 8
+    if distance == "cosine":
+        want = torch.nn.functional.cosine_similarity(emb[1], protos[2, 1], dim=0)
+        torch.testing.assert_close(shared[0][1, 2, 1], want)
+    else:
+        torch.testing.assert_close(shared[1][1, 2, 1], d)

@@ -71,6 +71,11 @@ class HeadOptimal(nn.Module):
         counts = torch.zeros(config.num_classes) if config.class_counts is None else torch.tensor(
             config.class_counts, dtype=torch.float32)
         self.register_buffer("class_counts", counts)
+        # push records (SPEC §5): training image index, token index and similarity of each prototype's source
+        shape = (config.num_classes, config.max_prototypes)
+        self.register_buffer("push_image", torch.full(shape, -1, dtype=torch.long))
+        self.register_buffer("push_token", torch.full(shape, -1, dtype=torch.long))
+        self.register_buffer("push_similarity", torch.full(shape, float("nan")))
 
     # ----------------------------------------------------------------------------------------- state
     @classmethod

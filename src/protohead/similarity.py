@@ -30,7 +30,7 @@ def prototype_similarity(embedding: torch.Tensor, prototypes: torch.Tensor,
         (similarity, distance), each (B, C, M).
     """
     if prototypes.dim() == 3:
-        prototypes = prototypes.unsqueeze(0).expand(embedding.shape[0], *prototypes.shape)
+        return _shared_similarity(embedding, prototypes, distance)
     if distance == "cosine":
         dots = torch.einsum("bd,bcmd->bcm", F.normalize(embedding, dim=-1), prototypes)
         sim = dots / prototypes.norm(dim=-1).clamp_min(1e-12)  # no normalised (B, C, M, D) copy
@@ -39,6 +39,23 @@ def prototype_similarity(embedding: torch.Tensor, prototypes: torch.Tensor,
         dim = embedding.shape[-1]
         diff = prototypes - embedding[:, None, None, :]
         dist = diff.pow(2).sum(-1) / dim
+        if distance == "l2":
+            return -dist, dist
+        return torch.log((dist + 1.0) / (dist + 1e-4)), dist
+    raise ValueError(f"unknown distance {distance!r}; choose cosine, l2 or log_activation")
+
+
+def _shared_similarity(embedding: torch.Tensor, prototypes: torch.Tensor, distance: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, D) vs shared (C, M, D) via one matrix product, without a (B, C, M, D) intermediate."""
+    num_classes, max_slots, dim = prototypes.shape
+    flat = prototypes.reshape(-1, dim)
+    if distance == "cosine":
+        sim = (F.normalize(embedding, dim=-1) @ F.normalize(flat, dim=-1).t()).reshape(-1, num_classes, max_slots)
+        return sim, 1.0 - sim
+    if distance in ("l2", "log_activation"):
+        sq = embedding.pow(2).sum(-1, keepdim=True) + flat.pow(2).sum(-1) - 2 * embedding @ flat.t()
+        dist = (sq.clamp_min(0) / dim).reshape(-1, num_classes, max_slots)
         if distance == "l2":
             return -dist, dist
         return torch.log((dist + 1.0) / (dist + 1e-4)), dist

@@ -75,7 +75,9 @@ def load_class_folders(root: str | os.PathLike[str], seed: int = 0, val_fraction
     if present:
         if len(present) != len(SPLIT_NAMES):
             absent = [s for s in SPLIT_NAMES if s not in present]
-            raise ValueError(f"{root}: has split folder(s) {present} but not {absent}; need train, val and test")
+            raise ValueError(
+                f"{root}: has split folder(s) {present} but not {absent}; need train, val and test"
+            )
         class_names = tuple(sorted({c for s in SPLIT_NAMES for c in _class_dirs(root / s)}))
         if not class_names:
             raise ValueError(f"{root}: no class folders under {root / 'train'}")
@@ -89,7 +91,7 @@ def load_class_folders(root: str | os.PathLike[str], seed: int = 0, val_fraction
                 raise ValueError(f"{root}: split {s!r} is empty (no images in {root / s}/<class>/)")
             splits[s] = _make_split(s, root, files)
     else:
-        if not (0.0 <= val_fraction and 0.0 <= test_fraction and val_fraction + test_fraction < 1.0):
+        if not (val_fraction >= 0.0 and test_fraction >= 0.0 and val_fraction + test_fraction < 1.0):
             raise ValueError(
                 f"need val_fraction, test_fraction >= 0 and val+test < 1, got {val_fraction}, {test_fraction}"
             )

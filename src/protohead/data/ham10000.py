@@ -188,9 +188,10 @@ def load_ham10000(root: str | os.PathLike[str], split: str = "official", seed: i
     if split == "official":
         membership = _official_membership(root, meta)
     elif split == "lesion":
-        if not (0.0 < val_fraction and 0.0 < test_fraction and val_fraction + test_fraction < 1.0):
+        if not (val_fraction > 0.0 and test_fraction > 0.0 and val_fraction + test_fraction < 1.0):
             raise ValueError(
-                f"need 0 < val_fraction, 0 < test_fraction and val+test < 1, got {val_fraction}, {test_fraction}"
+                "need 0 < val_fraction, 0 < test_fraction and val+test < 1, "
+                f"got {val_fraction}, {test_fraction}"
             )
         membership = _lesion_membership(meta, seed, val_fraction, test_fraction)
     else:
@@ -201,8 +202,8 @@ def load_ham10000(root: str | os.PathLike[str], split: str = "official", seed: i
     missing = [i for i in wanted if i not in index]
     if missing:
         raise ValueError(
-            f"{len(missing)} image file(s) listed in {metadata_path} are missing under {root} "
-            f"(looked in {', '.join(IMAGE_DIRS)}), e.g. {', '.join(str(root / 'images' / (m + '.jpg')) for m in missing[:5])}"
+            f"{len(missing)} image file(s) listed in {metadata_path} are missing: no <image_id>.jpg under "
+            f"{root} (looked in {', '.join(IMAGE_DIRS)}), e.g. {', '.join(missing[:5])}"
         )
 
     splits: dict[str, ImageSplit] = {}

@@ -67,18 +67,22 @@ def load_medmnist_npz(path: str | os.PathLike[str],
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"MedMNIST file {path} does not exist")
+    needed = [f"{s}_{kind}" for s in SPLIT_NAMES for kind in ("images", "labels")]
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            needed = [f"{s}_{kind}" for s in SPLIT_NAMES for kind in ("images", "labels")]
-            absent = [k for k in needed if k not in keys]
-            if absent:
-                raise ValueError(f"{path}: missing key(s) {absent}; found {sorted(keys)}")
-            arrays = {k: npz[k] for k in needed}
-    except ValueError:
-        raise
-    except (OSError, EOFError) as exc:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as exc:
         raise ValueError(f"cannot read MedMNIST file {path}: {exc}") from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not an .npz archive (a single array of shape {np.shape(npz)})")
+    try:
+        with npz:
+            keys = set(npz.files)
+            arrays = {k: npz[k] for k in needed if k in keys}
+    except (OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"cannot read MedMNIST file {path}: {exc}") from exc
+    absent = [k for k in needed if k not in keys]
+    if absent:
+        raise ValueError(f"{path}: missing key(s) {absent}; found {sorted(keys)}")
 
     labels: dict[str, np.ndarray] = {}
     images: dict[str, np.ndarray] = {}

@@ -1,0 +1,5 @@
+import sys
+
+from protohead.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""Baseline heads on the same features, with the head's call convention ``(pool, img, labels)``.
+
+- ``linear``: linear layer on the pooled vector, cross-entropy.
+- ``linear_la``: the same, trained with logit adjustment (Menon et al. 2021): CE on z + τ·log π.
+- ``balanced_softmax``: CE on z + log n_c (Ren et al. 2020) — logit adjustment with τ = 1 on counts.
+- ``cosine``: one prototype per class, cosine similarity × learnable temperature, cross-entropy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from protohead.validation import check_head_inputs
+
+BASELINES = ("linear", "linear_la", "balanced_softmax", "cosine")
+
+
+class BaselineHead(nn.Module):
+    """A one-layer classifier on the pooled vector (B, F); patch tokens are ignored."""
+
+    def __init__(self, kind: str, num_classes: int, img_feat_dim: int, class_counts: list[int] | None = None,
+                 tau: float = 1.0) -> None:
+        super().__init__()
+        if kind not in BASELINES:
+            raise ValueError(f"unknown baseline {kind!r}; choose one of {BASELINES}")
+        self.kind = kind
+        self.num_classes = num_classes
+        self.img_feat_dim = img_feat_dim
+        self.norm = nn.LayerNorm(img_feat_dim)
+        self.linear = nn.Linear(img_feat_dim, num_classes, bias=kind != "cosine")
+        if kind == "cosine":
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(10.0)))
+        counts = torch.ones(num_classes) if class_counts is None else torch.as_tensor(class_counts, dtype=torch.float32)
+        prior = counts.clamp_min(1) / counts.clamp_min(1).sum()
+        scale = tau if kind == "linear_la" else 1.0
+        self.register_buffer("logit_offset", scale * prior.log() if kind in ("linear_la", "balanced_softmax")
+                             else torch.zeros(num_classes))
+
+    def forward(self, pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """Returns (logits (B, C), loss | None, info) like :class:`protohead.HeadOptimal`."""
+        if labels is None and self.training:
+            raise ValueError("labels are required in training mode (call .eval() for inference)")
+        pooled = check_head_inputs(pool_features, img_features, labels, self.img_feat_dim, self.num_classes)
+        x = self.norm(pooled)
+        if self.kind == "cosine":
+            weight = F.normalize(self.linear.weight, dim=-1)
+            logits = self.log_temperature.exp() * F.linear(F.normalize(x, dim=-1), weight)
+        else:
+            logits = self.linear(x)
+        probs = logits.softmax(-1)
+        info: dict[str, Any] = {"uncertainty": (1 - probs.amax(-1)).detach()}
+        if labels is None:
+            info["probabilities"] = probs.detach()
+            return logits, None, info
+        loss = F.cross_entropy(logits + self.logit_offset, labels.long())
+        info.update(ce=loss.detach(), total=loss.detach())
+        return logits, loss, info

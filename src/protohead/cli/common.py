@@ -1,0 +1,43 @@
+"""Arguments shared by the verbs, and turning errors into one-line messages with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from protohead.runconfig import RunConfig, load_run_config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="dataset: HAM10000 folder, MedMNIST .npz or class folders "
+                                       "(default: ../shared/data/ham10000 beside the repository)")
+    parser.add_argument("--preset", "--model", dest="model",
+                        help="head preset (basic, long_tail, uncertainty, protopnet, ...) or baseline "
+                             "(linear, linear_la, balanced_softmax, cosine)")
+    parser.add_argument("--config", type=Path, help="YAML config file")
+    parser.add_argument("--split", choices=["official", "lesion"])
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=5 "
+                                                                           "head.emb_dim=256")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return load_run_config(args.config, args.overrides, data=args.data, model=args.model, split=args.split,
+                           seed=args.seed)
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    return Path("runs") / f"{config.model}-{config.split}-seed{config.seed}"
+
+
+def guarded(verb: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run ``verb``; a ``ValueError`` (bad input, config or data) becomes one line on stderr and exit code 2."""
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return verb(args)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"protohead {args.verb}: error: {error}", file=sys.stderr)
+            return 2
+    return wrapper

@@ -1,0 +1,30 @@
+"""``protohead run``: extract (cached) → train → select on val → evaluate on test → report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from protohead.cli.common import add_config_arguments, config_from_args, default_run_dir, guarded
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("run", help=__doc__.split(":", 1)[1].strip().rstrip("."))
+    add_config_arguments(parser)
+    parser.add_argument("--out", type=Path, help="run directory (default runs/<model>-<split>-seed<seed>)")
+    parser.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    parser.set_defaults(handler=guarded(main))
+
+
+def main(args: argparse.Namespace) -> int:
+    from protohead.pipeline import run
+
+    config = config_from_args(args)
+    run_dir = args.out or default_run_dir(config)
+    metrics = run(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+    summary = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece", "aurc")}
+    print(json.dumps(summary, indent=2))
+    print(f"report: {Path(run_dir) / 'report.md'}")
+    return 0

@@ -1,0 +1,101 @@
+"""Checkpoints: one safetensors file (tensors) with JSON metadata, written atomically.
+
+Nothing in the load path unpickles: tensors come from safetensors, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+OPTIMIZER_PREFIX = "optimizer/"
+MODEL_PREFIX = "model/"
+RNG_KEY = "rng/torch"
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, slot in state["state"].items():
+        for key, value in slot.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIMIZER_PREFIX}{index}/{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith(OPTIMIZER_PREFIX):
+            index, key = name[len(OPTIMIZER_PREFIX):].split("/", 1)
+            state.setdefault(int(index), {})[key] = value
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    metadata: dict[str, Any] | None = None) -> Path:
+    """Write model (+ optimiser, torch RNG) tensors and JSON ``metadata`` to ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {MODEL_PREFIX + k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta: dict[str, Any] = {"user": metadata or {}}
+    if optimizer is not None:
+        optimizer_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        tensors.update({k: v.contiguous().cpu() for k, v in optimizer_tensors.items()})
+    tensors[RNG_KEY] = torch.get_rng_state()
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temp_name, metadata={"protohead": json.dumps(meta)})
+        with open(temp_name, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temp_name, path)
+    finally:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata) of a checkpoint; a missing, truncated or corrupt file is a ``ValueError`` naming it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {})["protohead"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error})") from None
+    return tensors, meta
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    restore_rng: bool = False) -> dict[str, Any]:
+    """Load a checkpoint into ``model`` (and ``optimizer``); returns the user metadata."""
+    tensors, meta = read_checkpoint(path)
+    model_state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    try:
+        model.load_state_dict(model_state)
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {path} does not match the model: {error}") from None
+    if optimizer is not None:
+        if "optimizer" not in meta:
+            raise ValueError(f"checkpoint {path} holds no optimiser state")
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    if restore_rng:
+        torch.set_rng_state(tensors[RNG_KEY])
+    return meta["user"]

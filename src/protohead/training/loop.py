@@ -1,0 +1,197 @@
+"""Training: AdamW, warm-up + cosine schedule, push/expansion schedule, selection on validation balanced
+accuracy only, atomic checkpoints every epoch, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from protohead.baselines import BASELINES, BaselineHead
+from protohead.config import PRESETS
+from protohead.head import HeadOptimal
+from protohead.runconfig import RunConfig
+from protohead.training.checkpoint import load_checkpoint, save_checkpoint
+from protohead.training.prototypes import expand_prototypes, push_prototypes
+
+Inputs = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""inputs(indices (B,), train) → (tokens (B, N, F), pooled (B, F), labels (B,))."""
+
+
+@dataclass
+class SplitInputs:
+    """A split as model inputs: ``fetch(indices, train)`` gives (tokens, pooled, labels); ``size`` rows."""
+
+    fetch: Inputs
+    size: int
+    labels: np.ndarray
+
+
+def build_model(config: RunConfig, num_classes: int, feature_dim: int, class_counts: list[int]) -> nn.Module:
+    """A head preset (``HeadOptimal``) or a baseline (``BaselineHead``) for these features."""
+    if config.model in BASELINES:
+        return BaselineHead(config.model, num_classes, feature_dim, class_counts, config.logit_adjustment_tau)
+    if config.model not in PRESETS:
+        raise ValueError(f"unknown model {config.model!r}; choose a preset ({', '.join(sorted(PRESETS))}) "
+                         f"or a baseline ({', '.join(BASELINES)})")
+    return HeadOptimal(preset=config.model, **{"num_classes": num_classes, "img_feat_dim": feature_dim,
+                                               "class_counts": tuple(class_counts), **config.head})
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 over the remaining steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batches_of(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: SplitInputs, batch_size: int) -> dict[str, np.ndarray]:
+    """Eval-mode predictions: probabilities (n, C), uncertainty (n,), labels (n,)."""
+    was_training = model.training
+    model.eval()
+    probs, uncertainty = [], []
+    for indices in batches_of(torch.arange(split.size), batch_size):
+        tokens, pooled, _ = split.fetch(indices, False)
+        _, _, info = model(tokens, pooled)
+        probs.append(info["probabilities"].double())
+        uncertainty.append(info["uncertainty"].double())
+    model.train(was_training)
+    return {"probabilities": torch.cat(probs).numpy(), "uncertainty": torch.cat(uncertainty).numpy(),
+            "labels": split.labels.astype(np.int64)}
+
+
+def balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean per-class recall over the classes present in ``labels``."""
+    predicted = probs.argmax(1)
+    recalls = [float((predicted[labels == c] == c).mean()) for c in np.unique(labels)]
+    return float(np.mean(recalls))
+
+
+class Trainer:
+    """Trains ``model`` on ``train``, selects on ``val``; checkpoints go to ``run_dir/checkpoints``."""
+
+    def __init__(self, config: RunConfig, model: nn.Module, train: SplitInputs, val: SplitInputs, run_dir: Path,
+                 extra_parameters: list[nn.Parameter] | None = None) -> None:
+        self.config = config
+        self.model = model
+        inner = getattr(model, "head", model)  # end-to-end wrapper → its head
+        self.head = inner if isinstance(inner, HeadOptimal) else None
+        self.train_split = train
+        self.val_split = val
+        self.checkpoints = Path(run_dir) / "checkpoints"
+        extra_ids = {id(p) for p in extra_parameters or []}
+        own = [p for p in model.parameters() if p.requires_grad and id(p) not in extra_ids]
+        groups = [{"params": own, "lr": config.lr}]
+        if extra_parameters:
+            groups.append({"params": extra_parameters, "lr": config.backbone_lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        for group in self.optimizer.param_groups:
+            group["base_lr"] = group["lr"]
+        self.steps_per_epoch = math.ceil(train.size / config.batch_size)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"epoch": -1, "val_balanced_accuracy": -1.0}
+        self.start_epoch = 0
+
+    @property
+    def last_path(self) -> Path:
+        return self.checkpoints / "last.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.checkpoints / "best.safetensors"
+
+    def resume(self) -> bool:
+        """Continue from ``last.safetensors`` if present; returns whether a checkpoint was loaded."""
+        if not self.last_path.exists():
+            return False
+        meta = load_checkpoint(self.last_path, self.model, self.optimizer, restore_rng=True)
+        self.history, self.best = meta["history"], meta["best"]
+        self.start_epoch = meta["epoch"] + 1
+        return True
+
+    def _push_batches(self) -> Callable[[], Iterator[tuple[torch.Tensor, ...]]]:
+        def generate() -> Iterator[tuple[torch.Tensor, ...]]:
+            for indices in batches_of(torch.arange(self.train_split.size), self.config.eval_batch_size):
+                tokens, pooled, labels = self.train_split.fetch(indices, False)
+                yield indices, tokens, pooled, labels
+        return generate
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        config, model = self.config, self.model
+        model.train()
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.train_split.size, generator=generator)
+        total_steps = config.epochs * self.steps_per_epoch
+        warmup = config.warmup_epochs * self.steps_per_epoch
+        sums: dict[str, torch.Tensor] = {}
+        nonzero: dict[str, torch.Tensor] = {}
+        steps = 0
+        from tqdm.auto import tqdm
+
+        bar = tqdm(list(batches_of(order, config.batch_size)), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not config.progress, leave=False)
+        for i, indices in enumerate(bar):
+            step = epoch * self.steps_per_epoch + i
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(step, total_steps, warmup)
+            tokens, pooled, labels = self.train_split.fetch(indices, True)
+            _, loss, info = model(tokens, pooled, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            for name, value in info.items():
+                if isinstance(value, torch.Tensor) and value.dim() == 0:
+                    sums[name] = sums.get(name, 0) + value
+                    nonzero[name] = nonzero.get(name, 0) + (value != 0).float()
+            steps += 1
+        stats = {f"loss/{k}": float(v) / steps for k, v in sums.items()}
+        stats.update({f"nonzero/{k}": float(v) / steps for k, v in nonzero.items()})
+        return stats
+
+    def fit(self) -> dict[str, Any]:
+        config = self.config
+        from tqdm.auto import tqdm
+
+        for epoch in tqdm(range(self.start_epoch, config.epochs), desc="training", disable=not config.progress,
+                          initial=self.start_epoch, total=config.epochs):
+            record: dict[str, Any] = {"epoch": epoch, **self.train_epoch(epoch)}
+            if self.head is not None:
+                last_epoch = epoch + 1 == config.epochs
+                if config.push_every and (epoch + 1) % config.push_every == 0:
+                    record["pushed"] = push_prototypes(self.head, self._push_batches())
+                if config.expand_every and (epoch + 1) % config.expand_every == 0 and not last_epoch:
+                    added = expand_prototypes(self.head, self._push_batches(), config.expand_min_fraction,
+                                              self.optimizer)
+                    record["expanded"] = added
+                record["prototype_counts"] = self.head.bank.counts.tolist()
+            val = predict(self.model, self.val_split, config.eval_batch_size)
+            record["val_balanced_accuracy"] = balanced_accuracy(val["probabilities"], val["labels"])
+            record["val_accuracy"] = float((val["probabilities"].argmax(1) == val["labels"]).mean())
+            self.history.append(record)
+            if record["val_balanced_accuracy"] > self.best["val_balanced_accuracy"]:
+                self.best = {"epoch": epoch, "val_balanced_accuracy": record["val_balanced_accuracy"]}
+                save_checkpoint(self.best_path, self.model, metadata={"epoch": epoch, "best": self.best})
+            save_checkpoint(self.last_path, self.model, self.optimizer,
+                            metadata={"epoch": epoch, "history": self.history, "best": self.best})
+        return {"history": self.history, "best": self.best}
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    temp = path.with_suffix(path.suffix + ".tmp")
+    temp.write_text(json.dumps(data, indent=2, allow_nan=True))
+    temp.replace(path)
