@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--oracle-max-classes", type=int, default=100,
                         help="skip the oracle above this C (its class-pair loop is C² autograd ops)")
-    parser.add_argument("--extra-modes", action="store_true", help="also time sequential mixing (class and full scope) up to --oracle-max-classes")
+    parser.add_argument("--extra-modes", action="store_true",
+                        help="also time sequential mixing (class and full scope) up to --oracle-max-classes")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

