@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from protohead.cli import evaluate, extract, run, train
+from protohead.cli import compare, evaluate, extract, run, train
 
-VERBS = (run, train, evaluate, extract)
+VERBS = (run, train, evaluate, extract, compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

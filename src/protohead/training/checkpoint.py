@@ -56,6 +56,9 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     tensors[RNG_KEY] = torch.get_rng_state()
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes 0600; checkpoints get normal file permissions
     try:
         save_file(tensors, temp_name, metadata={"protohead": json.dumps(meta)})
         with open(temp_name, "rb") as written:

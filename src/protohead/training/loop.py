@@ -99,6 +99,7 @@ class Trainer:
         if extra_parameters:
             groups.append({"params": extra_parameters, "lr": config.backbone_lr})
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.parameters = [p for group in groups for p in group["params"]]
         for group in self.optimizer.param_groups:
             group["base_lr"] = group["lr"]
         self.steps_per_epoch = math.ceil(train.size / config.batch_size)
@@ -139,6 +140,7 @@ class Trainer:
         warmup = config.warmup_epochs * self.steps_per_epoch
         sums: dict[str, torch.Tensor] = {}
         nonzero: dict[str, torch.Tensor] = {}
+        largest_grad_norm = torch.zeros(())
         steps = 0
         from tqdm.auto import tqdm
 
@@ -152,13 +154,16 @@ class Trainer:
             _, loss, info = model(tokens, pooled, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            info = {**info, "grad_norm": torch.nn.utils.clip_grad_norm_(self.parameters, float("inf"))}
             self.optimizer.step()
             for name, value in info.items():
                 if isinstance(value, torch.Tensor) and value.dim() == 0:
                     sums[name] = sums.get(name, 0) + value
                     nonzero[name] = nonzero.get(name, 0) + (value != 0).float()
+            largest_grad_norm = torch.maximum(largest_grad_norm, info["grad_norm"].detach())
             steps += 1
         stats = {f"loss/{k}": float(v) / steps for k, v in sums.items()}
+        stats["max/grad_norm"] = float(largest_grad_norm)
         stats.update({f"nonzero/{k}": float(v) / steps for k, v in nonzero.items()})
         return stats
 
