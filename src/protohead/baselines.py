@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ class BaselineHead(nn.Module):
         counts = torch.ones(num_classes) if class_counts is None else torch.as_tensor(class_counts, dtype=torch.float32)
         prior = counts.clamp_min(1) / counts.clamp_min(1).sum()
         scale = tau if kind == "linear_la" else 1.0
+        self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # see HeadOptimal.gather
         self.register_buffer("logit_offset", scale * prior.log() if kind in ("linear_la", "balanced_softmax")
                              else torch.zeros(num_classes))
 
@@ -58,6 +60,9 @@ class BaselineHead(nn.Module):
         if labels is None:
             info["probabilities"] = probs.detach()
             return logits, None, info
-        loss = F.cross_entropy(logits + self.logit_offset, labels.long())
+        adjusted, labels = logits + self.logit_offset, labels.long()
+        if self.gather is not None:
+            adjusted, labels = self.gather(adjusted), self.gather(labels)
+        loss = F.cross_entropy(adjusted, labels)
         info.update(ce=loss.detach(), total=loss.detach())
         return logits, loss, info

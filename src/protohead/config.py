@@ -44,6 +44,7 @@ class HeadConfig:
     # classification term
     use_ce: bool = True
     focal_gamma: float = 0.0
+    logit_adjustment: float = 0.0  # τ of logit-adjusted CE (Menon et al. 2021): train on z + τ·log π
     use_class_balanced: bool = False
     cb_beta: float = 0.9999
     class_counts: tuple[int, ...] | None = None
@@ -99,6 +100,8 @@ class HeadConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.logit_adjustment < 0:
+            raise ValueError(f"logit_adjustment must be >= 0, got {self.logit_adjustment}")
         if self.focal_gamma < 0:
             raise ValueError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
         if self.class_counts is not None:

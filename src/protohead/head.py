@@ -7,6 +7,7 @@ Composition only: the math lives in :mod:`protohead.similarity`, :mod:`protohead
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,6 +77,8 @@ class HeadOptimal(nn.Module):
         self.register_buffer("push_image", torch.full(shape, -1, dtype=torch.long))
         self.register_buffer("push_token", torch.full(shape, -1, dtype=torch.long))
         self.register_buffer("push_similarity", torch.full(shape, float("nan")))
+        # set by the distributed trainer: maps this rank's per-sample tensors to the global batch before the loss
+        self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------- state
     @classmethod
@@ -181,6 +184,9 @@ class HeadOptimal(nn.Module):
                         winning_prototype=winner)
             return logits, None, info
         labels = labels.long()
+        if self.gather is not None:  # distributed: the loss sees the global batch (see training.distributed)
+            logits, dist, labels = self.gather(logits), self.gather(dist), self.gather(labels)
+            abstain_logit = None if abstain_logit is None else self.gather(abstain_logit)
         loss, terms = self._objective(logits, abstain_logit, dist, labels, valid)
         info.update({name: value.detach() for name, value in terms.items()})
         return logits, loss, info
@@ -192,13 +198,17 @@ class HeadOptimal(nn.Module):
         cfg = self.config
         weights = self.class_weights()
         ce_weights = weights if cfg.use_class_balanced else None
+        train_logits = logits
+        if cfg.logit_adjustment > 0:  # train on z + τ·log π, predict with z (Menon et al. 2021)
+            prior = self.class_counts.clamp_min(1) / self.class_counts.clamp_min(1).sum()
+            train_logits = logits + cfg.logit_adjustment * prior.log()
         terms: dict[str, torch.Tensor] = {
-            "ce": losses.cross_entropy_loss(logits, labels, ce_weights, cfg.focal_gamma),
+            "ce": losses.cross_entropy_loss(train_logits, labels, ce_weights, cfg.focal_gamma),
         }
         classification = terms["ce"] if cfg.use_ce else logits.new_zeros(())
         if abstain_logit is not None:
             terms["abstention"], terms["abstention_penalty"] = losses.abstention_loss(
-                logits, abstain_logit, labels, cfg.abstention_scale, ce_weights)
+                train_logits, abstain_logit, labels, cfg.abstention_scale, ce_weights)
             classification = terms["abstention"]
         prototypes = self.bank.prototypes
         weighted_terms = {

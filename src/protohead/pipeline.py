@@ -136,14 +136,24 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Pa
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           data: PreparedData | None = None) -> dict[str, Any]:
     """Extract (cached) → train → select on val. Returns the history, best epoch and the model."""
-    run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume, overwrite)
-    torch.manual_seed(config.seed)
-    import yaml
+    from protohead.training import distributed
 
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
+    run_dir = Path(run_dir)
+    distributed.init_from_env()  # under torchrun: join the process group (gloo on CPU, nccl on GPU)
+    main_process = distributed.is_main()
+    if main_process:
+        prepare_run_dir(run_dir, resume, overwrite)
+        import yaml
+
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
+    torch.manual_seed(config.seed)
     started = time.perf_counter()
-    data = data or prepare(config)
+    if data is None:
+        if not main_process:  # rank 0 fills the feature cache first; the others then read it
+            distributed.barrier()
+        data = prepare(config)
+        if main_process:
+            distributed.barrier()
     prepared = time.perf_counter()
     model = build_model(config, len(data.class_names), data.feature_dim, data.class_counts)
     extra = None
@@ -154,8 +164,9 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrit
     if resume:
         trainer.resume()
     result = trainer.fit()
-    write_json(run_dir / "history.json", result)
-    write_json(run_dir / "train_ids.json", list(data.ids["train"]))
+    if main_process:
+        write_json(run_dir / "history.json", result)
+        write_json(run_dir / "train_ids.json", list(data.ids["train"]))
     result.update(model=model, data=data, best_path=trainer.best_path,
                   timing={"prepare_s": prepared - started, "train_s": time.perf_counter() - prepared})
     return result

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from protohead.cli import compare, evaluate, extract, run, train
+from protohead.cli import compare, evaluate, explain, extract, run, train
 
-VERBS = (run, train, evaluate, extract, compare)
+VERBS = (run, train, evaluate, extract, compare, explain)
 
 
 def build_parser() -> argparse.ArgumentParser:

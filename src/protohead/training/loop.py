@@ -18,6 +18,7 @@ from protohead.baselines import BASELINES, BaselineHead
 from protohead.config import PRESETS
 from protohead.head import HeadOptimal
 from protohead.runconfig import RunConfig
+from protohead.training import distributed
 from protohead.training.checkpoint import load_checkpoint, save_checkpoint
 from protohead.training.prototypes import expand_prototypes, push_prototypes
 
@@ -63,14 +64,19 @@ def predict(model: nn.Module, split: SplitInputs, batch_size: int) -> dict[str, 
     """Eval-mode predictions: probabilities (n, C), uncertainty (n,), labels (n,)."""
     was_training = model.training
     model.eval()
+    mine = distributed.shard(torch.arange(split.size))  # under torchrun each rank predicts a shard
     probs, uncertainty = [], []
-    for indices in batches_of(torch.arange(split.size), batch_size):
+    for indices in batches_of(mine, batch_size):
         tokens, pooled, _ = split.fetch(indices, False)
         _, _, info = model(tokens, pooled)
         probs.append(info["probabilities"].double())
         uncertainty.append(info["uncertainty"].double())
     model.train(was_training)
-    return {"probabilities": torch.cat(probs).numpy(), "uncertainty": torch.cat(uncertainty).numpy(),
+    order = distributed.gather_rows_nograd(mine)
+    probs_all = distributed.gather_rows_nograd(torch.cat(probs))
+    uncertainty_all = distributed.gather_rows_nograd(torch.cat(uncertainty))
+    restore = torch.argsort(order)  # the whole split, in its own order, on every rank
+    return {"probabilities": probs_all[restore].numpy(), "uncertainty": uncertainty_all[restore].numpy(),
             "labels": split.labels.astype(np.int64)}
 
 
@@ -90,6 +96,7 @@ class Trainer:
         self.model = model
         inner = getattr(model, "head", model)  # end-to-end wrapper → its head
         self.head = inner if isinstance(inner, HeadOptimal) else None
+        inner.gather = distributed.sample_gather()
         self.train_split = train
         self.val_split = val
         self.checkpoints = Path(run_dir) / "checkpoints"
@@ -126,7 +133,8 @@ class Trainer:
 
     def _push_batches(self) -> Callable[[], Iterator[tuple[torch.Tensor, ...]]]:
         def generate() -> Iterator[tuple[torch.Tensor, ...]]:
-            for indices in batches_of(torch.arange(self.train_split.size), self.config.eval_batch_size):
+            mine = distributed.shard(torch.arange(self.train_split.size))  # gathered inside push / coverage
+            for indices in batches_of(mine, self.config.eval_batch_size):
                 tokens, pooled, labels = self.train_split.fetch(indices, False)
                 yield indices, tokens, pooled, labels
         return generate
@@ -150,10 +158,11 @@ class Trainer:
             step = epoch * self.steps_per_epoch + i
             for group in self.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, total_steps, warmup)
-            tokens, pooled, labels = self.train_split.fetch(indices, True)
+            tokens, pooled, labels = self.train_split.fetch(distributed.shard(indices), True)
             _, loss, info = model(tokens, pooled, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(self.parameters)
             info = {**info, "grad_norm": torch.nn.utils.clip_grad_norm_(self.parameters, float("inf"))}
             self.optimizer.step()
             for name, value in info.items():
@@ -187,11 +196,18 @@ class Trainer:
             record["val_balanced_accuracy"] = balanced_accuracy(val["probabilities"], val["labels"])
             record["val_accuracy"] = float((val["probabilities"].argmax(1) == val["labels"]).mean())
             self.history.append(record)
-            if record["val_balanced_accuracy"] > self.best["val_balanced_accuracy"]:
+            improved = record["val_balanced_accuracy"] > self.best["val_balanced_accuracy"]
+            if improved:
                 self.best = {"epoch": epoch, "val_balanced_accuracy": record["val_balanced_accuracy"]}
-                save_checkpoint(self.best_path, self.model, metadata={"epoch": epoch, "best": self.best})
-            save_checkpoint(self.last_path, self.model, self.optimizer,
-                            metadata={"epoch": epoch, "history": self.history, "best": self.best})
+            if distributed.is_main():  # one writer; every rank holds the same state
+                if improved:
+                    save_checkpoint(self.best_path, self.model, metadata={"epoch": epoch, "best": self.best})
+                save_checkpoint(self.last_path, self.model, self.optimizer,
+                                metadata={"epoch": epoch, "history": self.history, "best": self.best})
+            distributed.barrier()
+        rank, world = distributed.rank_and_world()
+        if world > 1 and rank > 0:  # for verification: every other rank's final state beside rank 0's
+            save_checkpoint(self.checkpoints / f"last.rank{rank}.safetensors", self.model)
         return {"history": self.history, "best": self.best}
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from protohead.head import HeadOptimal
 from protohead.similarity import masked_max, prototype_similarity
+from protohead.training import distributed
 
 Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]]
 """A callable yielding (indices (B,), tokens (B, N, F), pooled (B, F), labels (B,)) over the training set."""
@@ -54,6 +55,20 @@ def find_push_targets(head: HeadOptimal, batches: Batches) -> tuple[torch.Tensor
         best_token = torch.where(better, where % num_tokens, best_token)
         best_vector = torch.where(better[..., None], flat[where], best_vector)
     head.train(was_training)
+    if distributed.rank_and_world()[1] > 1:  # each rank saw a shard: keep the best over ranks, same on all
+        sims = distributed.gather_rows_nograd(best_sim[None])  # (world, C, M)
+        images = distributed.gather_rows_nograd(best_image[None])
+        # highest similarity wins; ties go to the lowest image index, as in one process
+        score = torch.where(images >= 0, sims, torch.full_like(sims, float("-inf")))
+        top = score.amax(dim=0, keepdim=True)
+        candidates = torch.where(score == top, images, torch.full_like(images, torch.iinfo(torch.long).max))
+        winner = candidates.argmin(dim=0)  # (C, M) rank index
+        pick = winner[None]
+        best_sim = sims.gather(0, pick)[0]
+        best_image = images.gather(0, pick)[0]
+        best_token = distributed.gather_rows_nograd(best_token[None]).gather(0, pick)[0]
+        vectors = distributed.gather_rows_nograd(best_vector[None])
+        best_vector = vectors.gather(0, pick[..., None].expand(1, *best_vector.shape))[0]
     return best_sim, best_image, best_token, best_vector
 
 
@@ -88,7 +103,9 @@ def coverage(head: HeadOptimal, batches: Batches) -> tuple[torch.Tensor, torch.T
         other = best.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
         rows.append((indices, labels, own - other, embedding))
     head.train(was_training)
-    return tuple(torch.cat(parts) for parts in zip(*rows, strict=True))  # type: ignore[return-value]
+    parts = [distributed.gather_rows_nograd(torch.cat(column)) for column in zip(*rows, strict=True)]
+    order = torch.argsort(parts[0])  # canonical (dataset) order, whatever the number of ranks
+    return tuple(part[order] for part in parts)  # type: ignore[return-value]
 
 
 @torch.no_grad()
