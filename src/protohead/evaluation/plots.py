@@ -8,9 +8,7 @@ the destination path as a ``pathlib.Path``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
+from protohead.atomic import atomic_open
 from protohead.evaluation.metrics import aurc, reliability_bins, risk_coverage_curve
 
 __all__ = [
@@ -40,19 +39,10 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
 
 
 def _save_atomic(fig: Figure, path: PathLike) -> Path:
-    """Render ``fig`` to ``path`` as PNG via a temp file in the same directory + ``os.replace``."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=DPI)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return dest
+    """Render ``fig`` to ``path`` as PNG atomically."""
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=DPI)
+    return Path(path)
 
 
 def _annotate_cells(ax: object, values: np.ndarray, fmt: str) -> None:

@@ -6,11 +6,9 @@ are written atomically (temp file + ``os.replace``) at a fixed, predictable pixe
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from protohead.atomic import atomic_open
 
 DPI = 100
 GALLERY_CELL_IN = 2.5  # inches per prototype column and per row
@@ -105,29 +105,11 @@ def new_figure(width_in: float, height_in: float) -> Figure:
     return fig
 
 
-def atomic_temp(dest: Path) -> tuple[int, str]:
-    """(fd, name) of a temp file beside ``dest`` with normal permissions (mkstemp makes 0600)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
-
-
 def save_png(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Render ``fig`` to ``path`` as PNG atomically (temp file in the same folder, then ``os.replace``)."""
-    dest = Path(path)
-    fd, tmp = atomic_temp(dest)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=DPI)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return dest
+    """Render ``fig`` to ``path`` as PNG atomically."""
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=DPI)
+    return Path(path)
 
 
 def gallery_size(num_prototypes: int) -> tuple[int, int]:

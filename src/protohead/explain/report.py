@@ -7,14 +7,13 @@ with no server and references no other file.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from protohead.explain.gallery import atomic_temp
+from protohead.atomic import write_text_atomic
 
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece", "nll", "aurc",
                "accuracy_at_80_coverage", "accuracy_at_90_coverage", "num_samples")
@@ -165,14 +164,4 @@ def _diagnostics_html(diagnostics: Mapping[str, Any]) -> str:
 
 def write_html(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
-    dest = Path(path)
-    fd, tmp = atomic_temp(dest)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return dest
+    return write_text_atomic(path, text)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from protohead.atomic import write_text_atomic
 from protohead.baselines import BASELINES, BaselineHead
 from protohead.config import PRESETS
 from protohead.head import HeadOptimal
@@ -213,6 +214,4 @@ class Trainer:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically."""
-    temp = path.with_suffix(path.suffix + ".tmp")
-    temp.write_text(json.dumps(data, indent=2, allow_nan=True))
-    temp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True))
