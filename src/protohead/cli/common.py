@@ -23,6 +23,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                                                            "head.emb_dim=256")
 
 
+def add_run_dir_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, help="run directory (default runs/<model>-<split>-seed<seed>)")
+    parser.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_run_config(args.config, args.overrides, data=args.data, model=args.model, split=args.split,
                            seed=args.seed)

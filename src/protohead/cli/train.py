@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from protohead.cli.common import add_config_arguments, config_from_args, default_run_dir, guarded
+from protohead.cli.common import add_config_arguments, add_run_dir_arguments, config_from_args, default_run_dir, guarded
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help=__doc__.split(":", 1)[1].strip().rstrip("."))
     add_config_arguments(parser)
-    parser.add_argument("--out", type=Path, help="run directory (default runs/<model>-<split>-seed<seed>)")
-    parser.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    add_run_dir_arguments(parser)
     parser.set_defaults(handler=guarded(main))
 
 
