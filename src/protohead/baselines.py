@@ -48,7 +48,8 @@ class BaselineHead(nn.Module):
         """Returns (logits (B, C), loss | None, info) like :class:`protohead.HeadOptimal`."""
         if labels is None and self.training:
             raise ValueError("labels are required in training mode (call .eval() for inference)")
-        pooled = check_head_inputs(pool_features, img_features, labels, self.img_feat_dim, self.num_classes)
+        pooled = check_head_inputs(pool_features, img_features, labels, self.img_feat_dim, self.num_classes,
+                                   dtype=self.linear.weight.dtype)
         x = self.norm(pooled)
         if self.kind == "cosine":
             weight = F.normalize(self.linear.weight, dim=-1)

@@ -161,7 +161,7 @@ class HeadOptimal(nn.Module):
             raise ValueError("labels are required in training mode (call .eval() for inference); "
                              "refusing to return a zero loss")
         img_features = check_head_inputs(pool_features, img_features, labels, self.config.img_feat_dim,
-                                         self.config.num_classes)
+                                         self.config.num_classes, dtype=self.proj[0].weight.dtype)
         tokens, embedding = self.embed(pool_features, img_features)
         want_attention = labels is None
         sim, dist, attention = self.prototype_scores(tokens, embedding, return_weights=want_attention)

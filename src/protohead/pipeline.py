@@ -146,7 +146,6 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrit
         import yaml
 
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
-    torch.manual_seed(config.seed)
     started = time.perf_counter()
     if data is None:
         if not main_process:  # rank 0 fills the feature cache first; the others then read it
@@ -155,6 +154,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrit
         if main_process:
             distributed.barrier()
     prepared = time.perf_counter()
+    torch.manual_seed(config.seed)  # here, so a run is the same whether or not the data were prepared before
     model = build_model(config, len(data.class_names), data.feature_dim, data.class_counts)
     extra = None
     if data.backbone is not None:

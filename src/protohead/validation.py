@@ -4,23 +4,47 @@ from __future__ import annotations
 
 import torch
 
+MAX_ABS_FEATURE = 1e8
+"""Largest feature magnitude accepted. Beyond ~1e19 the projection's LayerNorm overflows float32 (its
+variance becomes Inf) and every logit is NaN; backbone features are O(1..100), so anything near this
+bound is garbage (uninitialised memory, an unnormalised or overflowing upstream computation)."""
+
+INTEGER_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
 
 def check_head_inputs(pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None,
-                      feature_dim: int, num_classes: int) -> torch.Tensor:
+                      feature_dim: int, num_classes: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Validate the head's inputs and return ``img_features`` as (B, F).
 
     Args:
         pool_features: (B, N, F) patch tokens.
         img_features: (B, F) or (B, 1, F) pooled vector.
-        labels: optional (B,) integer class indices.
+        labels: optional (B,) integer class indices (int8/16/32/64 or uint8; not bool, not float).
+        feature_dim: F the head was built for.
+        num_classes: C; labels must lie in [0, C).
+        dtype: the head's parameter dtype. ``None`` means ``torch.get_default_dtype()`` (float32
+            unless changed), i.e. a head built and used in the default dtype.
 
-    One host synchronisation covers all value checks (NaN/Inf, label range).
+    Dtype rule (checked, never silently cast): both feature tensors must be floating point and have
+    exactly the head's dtype. float16 / bfloat16 features (e.g. read straight from the fp16 feature
+    cache) or float64 features (e.g. ``torch.from_numpy`` of a float64 array) into a float32 head are a
+    ``ValueError`` that says to cast them (``.float()``); integer, bool and complex tensors are
+    rejected. Inside an enabled ``torch.autocast`` region the exact-dtype check is skipped, because
+    autocast casts per operation.
+
+    Values: NaN / Inf anywhere, or a magnitude above :data:`MAX_ABS_FEATURE`, is a ``ValueError``;
+    so is an empty batch (B = 0) or no tokens (N = 0), mismatched F or B, and labels of the wrong
+    type, shape or range. One host synchronisation covers all value checks.
     """
+    expected = torch.get_default_dtype() if dtype is None else dtype
     for name, tensor in (("pool_features", pool_features), ("img_features", img_features)):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
         if not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+        if tensor.dtype != expected and not _autocast_enabled(tensor):
+            raise ValueError(f"{name} has dtype {tensor.dtype} but the head computes in {expected}; "
+                             f"cast the features first (e.g. {name}.to({expected}))")
     if pool_features.dim() != 3:
         raise ValueError(f"pool_features must have shape (B, N, F), got rank {pool_features.dim()} "
                          f"shape {tuple(pool_features.shape)}")
@@ -40,20 +64,34 @@ def check_head_inputs(pool_features: torch.Tensor, img_features: torch.Tensor, l
                          f"img_feat_dim={feature_dim}")
     if img_features.shape[0] != batch:
         raise ValueError(f"batch sizes differ: pool_features has {batch}, img_features {img_features.shape[0]}")
-    flags = [~torch.isfinite(pool_features).all(), ~torch.isfinite(img_features).all()]
     if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16,
-                                                                        torch.uint8, torch.int8):
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in INTEGER_LABEL_DTYPES:
             raise ValueError(f"labels must be an integer tensor, got "
                              f"{getattr(labels, 'dtype', type(labels).__name__)}")
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-        flags.append(((labels < 0) | (labels >= num_classes)).any())
-    bad = torch.stack(flags).tolist()
+    with torch.no_grad():
+        flags = [~torch.isfinite(pool_features).all(), ~torch.isfinite(img_features).all(),
+                 (pool_features.abs() > MAX_ABS_FEATURE).any(), (img_features.abs() > MAX_ABS_FEATURE).any()]
+        if labels is not None:
+            flags.append(((labels < 0) | (labels >= num_classes)).any().to(flags[0].device))
+        bad = torch.stack(flags).tolist()
     if bad[0]:
         raise ValueError("pool_features contains NaN or Inf")
     if bad[1]:
         raise ValueError("img_features contains NaN or Inf")
-    if labels is not None and bad[2]:
+    for name, tensor, flag in (("pool_features", pool_features, bad[2]), ("img_features", img_features, bad[3])):
+        if flag:
+            raise ValueError(f"{name} has values of magnitude {float(tensor.detach().abs().max()):.3g}, above "
+                             f"the accepted {MAX_ABS_FEATURE:.0e} (the head's LayerNorm would overflow); "
+                             "check the features")
+    if labels is not None and bad[4]:
         raise ValueError(f"labels out of range [0, {num_classes}): min {int(labels.min())}, max {int(labels.max())}")
     return img_features
+
+
+def _autocast_enabled(tensor: torch.Tensor) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(tensor.device.type))
+    except TypeError:  # torch < 2.4: no device argument
+        return bool(torch.is_autocast_enabled())

@@ -15,6 +15,7 @@ import abc
 import hashlib
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -137,3 +138,17 @@ class Backbone(nn.Module, abc.ABC):
         digest.update(json.dumps(self.cache_config(), sort_keys=True).encode())
         digest.update(self.weights_digest().encode())
         return f"{self.name}@{self.image_size}px:{digest.hexdigest()[:32]}"
+
+
+def load_torch_weights(path: str | Path) -> object:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never arbitrary objects.
+
+    A file that is not such a weights file (corrupt, or a pickle of other objects) is a ``ValueError``
+    naming it.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"weights file {path} cannot be loaded safely as tensors ({first_line})") from None
+

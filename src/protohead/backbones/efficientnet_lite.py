@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from protohead.backbones.base import Backbone
+from protohead.backbones.base import Backbone, load_torch_weights
 
 LITE0_FEATURE_DIM = 1280
 
@@ -62,7 +62,7 @@ class EfficientNetLite0Backbone(Backbone):
 
         # from_name builds static 'same' padding for this image size; weights are size-independent.
         model = EfficientNet.from_name("efficientnet-lite0", image_size=self.image_size)
-        state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+        state = load_torch_weights(self.weights_path)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         result = model.load_state_dict(state, strict=False)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from protohead.backbones.base import Backbone
+from protohead.backbones.base import Backbone, load_torch_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,7 +33,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_weights(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

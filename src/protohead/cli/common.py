@@ -44,6 +44,7 @@ def guarded(verb: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
         try:
             return verb(args)
         except (ValueError, FileNotFoundError) as error:
-            print(f"protohead {args.verb}: error: {error}", file=sys.stderr)
+            message = " ".join(str(error).split())  # one line, even for multi-line YAML errors
+            print(f"protohead {args.verb}: error: {message}", file=sys.stderr)
             return 2
     return wrapper
