@@ -28,8 +28,9 @@ def run_one(impl: str, num_classes: int, steps: int, batch: int, mixing: str, sc
     from protohead import HeadOptimal
 
     torch.manual_seed(0)
+    modes = {} if mixing == "default" else {"mixing": mixing, "attention_scope": scope}
     head = HeadOptimal(num_classes=num_classes, emb_dim=384, num_heads=8, img_feat_dim=1280, num_prototypes=10,
-                       max_prototypes=10, mixing=mixing, attention_scope=scope)
+                       max_prototypes=10, **modes)
     head.set_class_counts(torch.randint(5, 500, (num_classes,)))
     optimiser = torch.optim.AdamW(head.parameters(), lr=1e-3)
     pool, img = torch.randn(batch, 49, 1280), torch.randn(batch, 1280)
@@ -69,11 +70,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, B={args.batch} N=49 F=1280 D=384 M=10")
     rows = []
     for c in args.classes:
-        jobs = [("protohead", "auto", "auto")]
+        jobs = [("protohead", "default", "default")]  # the head's default modes
         if args.extra_modes and c <= args.oracle_max_classes:
             jobs += [("protohead", "sequential", "class"), ("protohead", "sequential", "full")]
         if c <= args.oracle_max_classes:
-            jobs.append(("oracle", "auto", "auto"))
+            jobs.append(("oracle", "default", "default"))
         for impl, mixing, scope in jobs:
             out = subprocess.run([sys.executable, __file__, "--child", impl, str(c), str(args.steps),
                                   str(args.batch), mixing, scope], capture_output=True, text=True)
