@@ -7,7 +7,7 @@ set of overrides. ``PRESET_DESCRIPTIONS`` says in one line what each preset turn
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Distance = Literal["cosine", "l2", "log_activation"]
@@ -65,7 +65,6 @@ class HeadConfig:
     use_uncertainty_weighting: bool = True
     # dynamic prototypes
     momentum: float = 0.9
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()

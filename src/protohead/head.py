@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -246,7 +245,3 @@ class Head(HeadOptimal):
         logits, loss, _ = super().forward(pool_features, img_features, labels)
         return logits, loss
 
-
-def predict_proba(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities from the K class logits (abstention never takes probability mass)."""
-    return F.softmax(logits, dim=-1)
