@@ -104,7 +104,7 @@ def run_comparison(base: RunConfig, out_dir: Path, seeds: int = 3, only: list[st
     started = time.perf_counter()
     data = prepare(base)
     cells: dict[str, list[dict[str, Any]]] = {c: [] for c in selected}
-    grid = [(c, s) for c in selected for s in range(seeds)]
+    grid = [(c, s) for s in range(seeds) for c in selected]  # seed-major: a stopped grid has whole columns
     for column, seed in tqdm(grid, desc="comparison grid", disable=not progress):
         cell_dir = out_dir / "cells" / f"{column}-seed{seed}"
         done = cell_dir / "cell.json"
