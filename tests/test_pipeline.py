@@ -119,3 +119,24 @@ def test_yaml_config_file(tmp_path, ham10000_root):
     path.write_text("epochs: [1, 2]\n")
     with pytest.raises(ValueError, match="epochs"):
         load_run_config(path)
+
+
+def test_end_to_end_finetuning_trains_the_backbone(ham10000_root, tmp_path):
+    """finetune=true: no feature cache, the backbone is trained at its own learning rate and checkpointed."""
+    from protohead.pipeline import train
+    from protohead.training.checkpoint import read_checkpoint as read
+
+    cfg = load_run_config(overrides=[f"data={ham10000_root}", "subset_per_class=2", "epochs=1", "batch_size=7",
+                                     "finetune=true", "finetune_image_size=64", "backbone_lr=1e-3", "progress=false",
+                                     "push_every=1", "expand_every=0", "head.emb_dim=32", "head.num_heads=4"])
+    result = train(cfg, tmp_path / "ft")
+    tensors, _ = read(tmp_path / "ft" / "checkpoints" / "last.safetensors")
+    backbone_keys = [k for k in tensors if k.startswith("model/backbone.")]
+    assert backbone_keys, "the checkpoint must hold the backbone"
+    from protohead.backbones import build_backbone
+
+    pretrained = build_backbone(cfg.backbone, cfg.finetune_image_size).state_dict()
+    changed = [k for k in backbone_keys if tensors[k].is_floating_point()
+               and not torch.equal(tensors[k], pretrained[k.removeprefix("model/backbone.")])]
+    assert changed, "fine-tuning must move the backbone weights"
+    assert len(result["history"]) == 1 and "pushed" in result["history"][0]
