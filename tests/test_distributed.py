@@ -51,3 +51,20 @@ def test_two_processes_match_one(ham10000_root, feature_cache, tmp_path):
         logits[name + "_counts"] = model.bank.counts
     assert torch.equal(logits["one_counts"], logits["two_counts"])
     torch.testing.assert_close(logits["two"], logits["one"], atol=1e-4, rtol=0)
+
+
+def test_two_process_finetuning_runs_and_ranks_agree(ham10000_root, tmp_path):
+    """End-to-end fine-tuning under torchrun: completes, and every rank ends with rank 0's state."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "protohead", "train", "--data", str(ham10000_root), "--out", str(tmp_path / "ft"),
+               "subset_per_class=2", "epochs=1", "batch_size=8", "finetune=true", "finetune_image_size=64",
+               "progress=false", "push_every=1", "expand_every=0", "head.emb_dim=32", "head.num_heads=4"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, _ = read_checkpoint(tmp_path / "ft" / "checkpoints" / "last.safetensors")
+    rank1, _ = read_checkpoint(tmp_path / "ft" / "checkpoints" / "last.rank1.safetensors")
+    assert any(key.startswith("model/backbone.") for key in rank1)
+    for key, value in rank1.items():
+        if key.startswith("model/"):
+            torch.testing.assert_close(rank0[key], value, rtol=0, atol=0, equal_nan=True, msg=key)

@@ -85,6 +85,14 @@ def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
             parameter.grad /= world
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (e.g. a fine-tuned backbone's BatchNorm running statistics) to every rank."""
+    if rank_and_world()[1] == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def sample_gather() -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The per-sample gather a head should apply before its loss, or None in a single process."""
     return gather_rows if rank_and_world()[1] > 1 else None

@@ -184,6 +184,7 @@ class Trainer:
         for epoch in tqdm(range(self.start_epoch, config.epochs), desc="training", disable=not config.progress,
                           initial=self.start_epoch, total=config.epochs):
             record: dict[str, Any] = {"epoch": epoch, **self.train_epoch(epoch)}
+            distributed.broadcast_buffers(self.model)  # per-shard BatchNorm statistics → rank 0's everywhere
             if self.head is not None:
                 last_epoch = epoch + 1 == config.epochs
                 if config.push_every and (epoch + 1) % config.push_every == 0:
