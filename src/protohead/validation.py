@@ -71,8 +71,10 @@ def check_head_inputs(pool_features: torch.Tensor, img_features: torch.Tensor, l
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
     with torch.no_grad():
-        flags = [~torch.isfinite(pool_features).all(), ~torch.isfinite(img_features).all(),
-                 (pool_features.abs() > MAX_ABS_FEATURE).any(), (img_features.abs() > MAX_ABS_FEATURE).any()]
+        # one pass per tensor: the largest |value| is NaN if any value is NaN, inf if any is ±inf
+        largest = [torch.linalg.vector_norm(t, ord=float("inf")) for t in (pool_features, img_features)]
+        flags = [~torch.isfinite(largest[0]), ~torch.isfinite(largest[1]),
+                 largest[0] > MAX_ABS_FEATURE, largest[1] > MAX_ABS_FEATURE]
         if labels is not None:
             flags.append(((labels < 0) | (labels >= num_classes)).any().to(flags[0].device))
         bad = torch.stack(flags).tolist()

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=guarded(main))
 
 
-COMPARE_DEFAULTS = ["epochs=6", "head.emb_dim=128", "push_every=3", "expand_every=3"]
+COMPARE_DEFAULTS = ["epochs=4", "head.emb_dim=128", "push_every=2", "expand_every=2"]
 
 
 def main(args: argparse.Namespace) -> int:
