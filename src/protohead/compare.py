@@ -30,7 +30,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "basic+orthogonality": ("basic", {"orth_scale": 0.01}),  # §4.3
 }
 TAIL_CLASSES = ("df", "vasc", "akiec")
-QUICK = {"subset_per_class": 30, "epochs": 3}
+QUICK = {"subset_per_class": 30, "epochs": 10}
 
 
 def columns() -> list[str]:
