@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", help="dataset folder (default: ../shared/data/ham10000)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--split", choices=["official", "lesion"], default="official")
-    parser.add_argument("--quick", action="store_true", help="small subset (30 images per class and split), 1 seed, 10 epochs (≤ 5 minutes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small subset (30 images per class and split), 1 seed, 10 epochs (≤ 5 minutes)")
     parser.add_argument("--columns", nargs="+", help="run only these columns")
     parser.add_argument("--out", type=Path, help="output folder (default runs/compare-<split>[-quick])")
     parser.add_argument("--config", type=Path, help="YAML config for the shared settings")
