@@ -138,8 +138,9 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert len(strays) == 1 and re.fullmatch(r"\.last\.safetensors\..+\.tmp", strays[0].name), strays
     with pytest.raises(ValueError, match="corrupt or truncated"):  # ... and it is detectably incomplete
         read_checkpoint(strays[0])
-    save_checkpoint(path, torch.nn.Linear(256, 256))  # and it does not block the next save
+    save_checkpoint(path, torch.nn.Linear(256, 256))  # it does not block the next save, which removes it
     read_checkpoint(path)
+    assert [p for p in path.parent.iterdir()] == [path]
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one_and_cleans_up(tmp_path, monkeypatch):

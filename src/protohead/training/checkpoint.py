@@ -77,6 +77,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         optimizer_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
         tensors.update({k: v.contiguous().cpu() for k, v in optimizer_tensors.items()})
     tensors[RNG_KEY] = torch.get_rng_state()
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write (one writer)
+        stale.unlink(missing_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     umask = os.umask(0)
