@@ -101,9 +101,11 @@ def test_existing_run_directory_is_refused(ham10000_root, feature_cache, tmp_pat
     (["--preset", "not_a_preset", "epochs=1"], "unknown model"),
 ])
 def test_config_errors_are_one_line_exit_2(ham10000_root, tmp_path, capsys, args, message):
-    code = cli(["run", "--data", str(ham10000_root), "--out", str(tmp_path / "r"), *args])
+    cache = tmp_path / "cache"
+    code = cli(["run", "--data", str(ham10000_root), "--out", str(tmp_path / "r"), *args, f"cache_dir={cache}"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+    assert not cache.exists() and not (tmp_path / "r").exists()  # refused before any image is read
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):

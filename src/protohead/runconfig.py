@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from protohead.config import HeadConfig
+from protohead.baselines import BASELINES
+from protohead.config import PRESETS, HeadConfig, preset_config
 
 # The repository sits beside shared/ (the HAM10000 copy): src/protohead/runconfig.py → ../../../shared
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "ham10000"
@@ -51,7 +52,14 @@ class RunConfig:
             raise ValueError("epochs and batch_size must be ≥ 1 and image_size ≥ 32")
         if self.lr <= 0 or self.backbone_lr <= 0:
             raise ValueError("learning rates must be positive")
-        HeadConfig().replace(**{k: v for k, v in self.head.items() if k != "class_counts"})  # validates keys
+        if self.model not in PRESETS and self.model not in BASELINES:
+            raise ValueError(f"unknown model {self.model!r}; choose a preset ({', '.join(sorted(PRESETS))}) "
+                             f"or a baseline ({', '.join(BASELINES)})")
+        head = {k: v for k, v in self.head.items() if k != "class_counts"}
+        if self.model in PRESETS:  # validates keys and values against the preset, before any data is read
+            preset_config(self.model, **head)
+        else:
+            HeadConfig().replace(**head)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -16,7 +16,6 @@ from torch import nn
 
 from protohead.atomic import write_text_atomic
 from protohead.baselines import BASELINES, BaselineHead
-from protohead.config import PRESETS
 from protohead.head import HeadOptimal
 from protohead.runconfig import RunConfig
 from protohead.training import distributed
@@ -40,9 +39,6 @@ def build_model(config: RunConfig, num_classes: int, feature_dim: int, class_cou
     """A head preset (``HeadOptimal``) or a baseline (``BaselineHead``) for these features."""
     if config.model in BASELINES:
         return BaselineHead(config.model, num_classes, feature_dim, class_counts, config.logit_adjustment_tau)
-    if config.model not in PRESETS:
-        raise ValueError(f"unknown model {config.model!r}; choose a preset ({', '.join(sorted(PRESETS))}) "
-                         f"or a baseline ({', '.join(BASELINES)})")
     return HeadOptimal(preset=config.model, **{"num_classes": num_classes, "img_feat_dim": feature_dim,
                                                "class_counts": tuple(class_counts), **config.head})
 
