@@ -250,3 +250,38 @@ def test_shared_and_per_sample_similarity_agree(distance):
         torch.testing.assert_close(shared[0][1, 2, 1], want)
     else:
         torch.testing.assert_close(shared[1][1, 2, 1], d)
+
+
+def test_gated_cosine_equals_cosine_of_materialised_fused_prototypes():
+    """The fused parallel-mixing path = cos(e, forward(...)) in value and in gradient (float64)."""
+    from protohead.attention import MixedAttentionBlock
+    from protohead.similarity import prototype_similarity
+
+    torch.manual_seed(3)
+    block = MixedAttentionBlock(dim=16, heads=4, dropout=0.0, ffn_ratio=2).double().eval()
+    with torch.no_grad():  # a gate that really mixes (default init is near uniform)
+        block.gate.weight.normal_(0, 1.0)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[1, 2:] = False
+
+    def both(prototypes, tokens, embedding):
+        context = block.bank_context(prototypes, valid, "full")
+        fused, _ = block(prototypes, valid, tokens, "full", context=context)
+        reference = prototype_similarity(embedding, fused, "cosine")[0]
+        fast, _ = block.gated_cosine(prototypes, tokens, embedding, context)
+        return reference, fast
+
+    inputs = [torch.randn(3, 4, 16, dtype=torch.float64, requires_grad=True),
+              torch.randn(5, 7, 16, dtype=torch.float64, requires_grad=True),
+              torch.randn(5, 16, dtype=torch.float64, requires_grad=True)]
+    reference, fast = both(*inputs)
+    torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(reference)
+    grads_reference = torch.autograd.grad((reference * weights).sum(), [*inputs, *block.parameters()],
+                                          allow_unused=True, retain_graph=True)
+    grads_fast = torch.autograd.grad((fast * weights).sum(), [*inputs, *block.parameters()], allow_unused=True)
+    for a, b in zip(grads_fast, grads_reference, strict=True):
+        if b is None:
+            assert a is None or not a.abs().any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -134,6 +134,51 @@ class MixedAttentionBlock(nn.Module):
         light = self.norm_out(light + self.drop(self.ffn(light)))
         return s.reshape(num_classes, max_slots, dim), light.reshape(num_classes, max_slots, dim)
 
+    def gated_cosine(self, prototypes: torch.Tensor, tokens: torch.Tensor, embedding: torch.Tensor,
+                     context: tuple[torch.Tensor, torch.Tensor], return_weights: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Parallel mixing + cosine: cos(e, gate(x, s, l)) without materialising the fused prototypes.
+
+        With x = LN(p + cross(p, t)) (B, P, D) and the bank context s, l (P, D), the fused prototype
+        f = g₀x + g₁s + g₂l gives e·f = g₀ e·x + g₁ e·s + g₂ e·l and ‖f‖² as a quadratic form in the gate
+        over the six pairwise dot products of x, s, l. Only dot products against x are per-sample passes
+        over a (B, P, D) tensor, so a step makes a few such passes instead of materialising f (and its
+        gradient) several times. Equal to ``prototype_similarity(e, forward(...))`` up to rounding.
+
+        Args:
+            prototypes: (C, M, D); tokens: (B, N, D); embedding: (B, D); context: ``bank_context``.
+
+        Returns:
+            (cosine similarity (B, C, M), cross-attention weights (B, C, M, N) or None).
+        """
+        num_classes, max_slots, dim = prototypes.shape
+        cross, weights = self.cross(prototypes.reshape(-1, dim), tokens, return_weights)
+        x = self.norm_cross(prototypes.reshape(1, -1, dim) + cross)  # (B, P, D)
+        s, light = (t.reshape(-1, dim) for t in context)  # (P, D)
+        gate_weight = self.gate.weight  # (3, 3D)
+        # one pass over x per prototype: [x·s, x·l, W₁x] from (P, B, D) @ (P, D, 5)
+        per_prototype = torch.cat([s[:, :, None], light[:, :, None],
+                                   gate_weight[:, :dim].t().expand(len(s), dim, 3)], dim=-1)
+        x_products = torch.matmul(x.transpose(0, 1), per_prototype).transpose(0, 1)  # (B, P, 5)
+        x_s, x_l = x_products[..., 0], x_products[..., 1]
+        bank_logits = (F.linear(s, gate_weight[:, dim:2 * dim], self.gate.bias)
+                       + F.linear(light, gate_weight[:, 2 * dim:]))  # (P, 3)
+        gate = (x_products[..., 2:] + bank_logits).softmax(dim=-1)  # (B, P, 3)
+        g0, g1, g2 = gate.unbind(dim=-1)
+        unit = F.normalize(embedding, dim=-1)
+        e_x = torch.matmul(x, unit[:, :, None]).squeeze(-1)  # (B, P)
+        e_s, e_l = unit @ s.t(), unit @ light.t()  # (B, P)
+        x_x = x.pow(2).sum(dim=-1)
+        s_s, l_l, s_l = s.pow(2).sum(dim=-1), light.pow(2).sum(dim=-1), (s * light).sum(dim=-1)  # (P,)
+        dot = g0 * e_x + g1 * e_s + g2 * e_l
+        squared_norm = (g0 * g0 * x_x + g1 * g1 * s_s + g2 * g2 * l_l
+                        + 2 * (g0 * g1 * x_s + g0 * g2 * x_l + g1 * g2 * s_l))
+        sim = dot / squared_norm.clamp_min(1e-24).sqrt()
+        batch = x.shape[0]
+        if weights is not None:
+            weights = weights.reshape(batch, num_classes, max_slots, -1)
+        return sim.reshape(batch, num_classes, max_slots), weights
+
     def forward(self, prototypes: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, scope: str,
                 return_weights: bool = False, context: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

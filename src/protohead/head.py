@@ -120,6 +120,9 @@ class HeadOptimal(nn.Module):
         if self.attention is None:
             sim, dist = prototype_similarity(embedding, prototypes, self.config.distance)
             return sim, dist, None
+        if context is not None and self.config.distance == "cosine" and self.attention.fusion == "gate3":
+            sim, weights = self.attention.gated_cosine(prototypes, tokens, embedding, context, return_weights)
+            return sim, 1.0 - sim, weights
         adapted, weights = self.attention(prototypes, valid, tokens, scope, return_weights, context)
         sim, dist = prototype_similarity(embedding, adapted, self.config.distance)
         return sim, dist, weights
