@@ -36,7 +36,11 @@ def test_short_run_beats_chance_and_writes_every_output(ham10000_root, feature_c
     assert any("pushed" in record for record in history)
     # model selection used validation only: the best epoch is the arg-max of val balanced accuracy
     best = max(range(len(history)), key=lambda i: history[i]["val_balanced_accuracy"])
-    assert json.loads((tmp_path / "run" / "history.json").read_text())["best"]["epoch"] == best
+    chosen = json.loads((tmp_path / "run" / "history.json").read_text())["best"]
+    assert chosen["epoch"] == best
+    # the post-hoc shift chosen on validation for that epoch is the one applied on test
+    assert written["posthoc_tau"] == chosen["posthoc_tau"] == history[best]["posthoc_tau"]
+    assert history[best]["val_accuracy"] >= history[best]["val_accuracy_raw"] - cfg.posthoc_accuracy_tolerance
 
 
 @pytest.mark.parametrize("model", ["linear_la", "uncertainty"])

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from protohead.head import HeadOptimal
+from protohead.posthoc import adjust_probabilities
 from protohead.runconfig import RunConfig
 from protohead.training.checkpoint import load_checkpoint
 from protohead.training.loop import SplitInputs, Trainer, build_model, predict, write_json
@@ -108,9 +110,13 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Path, batch_size: int = 256
-                   ) -> dict[str, Any]:
-    """Metrics (JSON) and plots (PNG) of ``model`` on ``split``, written into ``out_dir``."""
+def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Path, batch_size: int = 256,
+                   posthoc_tau: float = 0.0) -> dict[str, Any]:
+    """Metrics (JSON) and plots (PNG) of ``model`` on ``split``, written into ``out_dir``.
+
+    ``posthoc_tau``: the post-hoc prior shift chosen on validation (``best["posthoc_tau"]``), applied to the
+    probabilities; a max-softmax uncertainty is recomputed from the shifted probabilities.
+    """
     from protohead.evaluation import (
         compute_metrics,
         plot_confusion_matrix,
@@ -121,8 +127,13 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     prediction = predict(model, data.splits[split], batch_size)
     probs, labels, uncertainty = prediction["probabilities"], prediction["labels"], prediction["uncertainty"]
+    if posthoc_tau:
+        probs = adjust_probabilities(probs, data.class_counts, posthoc_tau)
+        head = getattr(model, "head", model)
+        if not (isinstance(head, HeadOptimal) and head.config.use_abstention):
+            uncertainty = 1.0 - probs.max(1)
     metrics = compute_metrics(probs, labels, uncertainty, data.class_names)
-    metrics["split"] = split
+    metrics.update(split=split, posthoc_tau=posthoc_tau)
     correct = probs.argmax(1) == labels
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), data.class_names, out_dir / "confusion_matrix.png")
     plot_reliability_diagram(probs, labels, out_dir / "reliability.png")
@@ -178,7 +189,8 @@ def run(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite:
     result = train(config, run_dir, resume, overwrite)
     model, data = result["model"], result["data"]
     load_checkpoint(result["best_path"], model)
-    metrics = evaluate_model(model, data, "test", run_dir, config.eval_batch_size)
+    metrics = evaluate_model(model, data, "test", run_dir, config.eval_batch_size,
+                             result["best"].get("posthoc_tau", 0.0))
     timing = result["timing"]
     timing["total_s"] = timing["prepare_s"] + timing["train_s"]
     write_json(run_dir / "timing.json", timing)
@@ -200,9 +212,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out_dir: str | Path |
     if data.backbone is not None:
         model = EndToEnd(data.backbone, model)
     best = run_dir / "checkpoints" / "best.safetensors"
-    load_checkpoint(best, model)
+    meta = load_checkpoint(best, model)
     return evaluate_model(model, data, split, Path(out_dir) if out_dir else run_dir / f"eval-{split}",
-                          config.eval_batch_size)
+                          config.eval_batch_size, meta["best"].get("posthoc_tau", 0.0))
 
 
 def write_report(run_dir: Path, config: RunConfig, metrics: dict[str, Any], result: dict[str, Any],
@@ -213,7 +225,8 @@ def write_report(run_dir: Path, config: RunConfig, metrics: dict[str, Any], resu
         f"# protohead run: {config.model} on {Path(config.data).name} ({config.split} split, seed {config.seed})",
         "",
         f"Selected epoch {result['best']['epoch'] + 1} of {config.epochs} by validation balanced accuracy "
-        f"({result['best']['val_balanced_accuracy']:.4f}). Test split:",
+        f"({result['best']['val_balanced_accuracy']:.4f}), post-hoc logit adjustment τ = "
+        f"{result['best'].get('posthoc_tau', 0.0):g} (chosen on validation). Test split:",
         "",
         "| metric | value |",
         "|---|---|",

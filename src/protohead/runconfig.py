@@ -43,6 +43,8 @@ class RunConfig:
     backbone_lr: float = 1e-4
     finetune_image_size: int = 160
     logit_adjustment_tau: float = 1.0
+    posthoc_tau: float | Literal["auto"] = "auto"  # post-hoc logit adjustment at prediction; "auto": chosen on val
+    posthoc_accuracy_tolerance: float = 0.01  # "auto": val accuracy one may give up for val balanced accuracy
     eval_batch_size: int = 256
     progress: bool = True
 
@@ -52,6 +54,8 @@ class RunConfig:
             raise ValueError("epochs and batch_size must be ≥ 1 and image_size ≥ 32")
         if self.lr <= 0 or self.backbone_lr <= 0:
             raise ValueError("learning rates must be positive")
+        if (self.posthoc_tau != "auto" and self.posthoc_tau < 0) or not 0 <= self.posthoc_accuracy_tolerance <= 1:
+            raise ValueError("posthoc_tau must be 'auto' or ≥ 0, and posthoc_accuracy_tolerance in [0, 1]")
         if self.model not in PRESETS and self.model not in BASELINES:
             raise ValueError(f"unknown model {self.model!r}; choose a preset ({', '.join(sorted(PRESETS))}) "
                              f"or a baseline ({', '.join(BASELINES)})")

@@ -17,6 +17,7 @@ from torch import nn
 from protohead.atomic import write_text_atomic
 from protohead.baselines import BASELINES, BaselineHead
 from protohead.head import HeadOptimal
+from protohead.posthoc import adjust_probabilities, balanced_accuracy, choose_prior_shift
 from protohead.runconfig import RunConfig
 from protohead.training import distributed
 from protohead.training.checkpoint import load_checkpoint, save_checkpoint
@@ -75,13 +76,6 @@ def predict(model: nn.Module, split: SplitInputs, batch_size: int) -> dict[str, 
     restore = torch.argsort(order)  # the whole split, in its own order, on every rank
     return {"probabilities": probs_all[restore].numpy(), "uncertainty": uncertainty_all[restore].numpy(),
             "labels": split.labels.astype(np.int64)}
-
-
-def balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in ``labels``."""
-    predicted = probs.argmax(1)
-    recalls = [float((predicted[labels == c] == c).mean()) for c in np.unique(labels)]
-    return float(np.mean(recalls))
 
 
 class Trainer:
@@ -173,6 +167,27 @@ class Trainer:
         stats.update({f"nonzero/{k}": float(v) / steps for k, v in nonzero.items()})
         return stats
 
+    def validate(self) -> dict[str, float]:
+        """Validation scores of the current model, after the post-hoc prior shift (``posthoc_tau``).
+
+        With ``posthoc_tau="auto"`` the shift is chosen on these validation predictions (see
+        :mod:`protohead.posthoc`); the unshifted scores are kept as ``*_raw``.
+        """
+        config = self.config
+        val = predict(self.model, self.val_split, config.eval_batch_size)
+        probs, labels = val["probabilities"], val["labels"]
+        counts = np.bincount(self.train_split.labels, minlength=probs.shape[1])
+        if config.posthoc_tau == "auto":
+            shift = choose_prior_shift(probs, labels, counts, config.posthoc_accuracy_tolerance)
+            tau = shift.tau
+        else:
+            tau = float(config.posthoc_tau)
+        adjusted = adjust_probabilities(probs, counts, tau)
+        return {"val_balanced_accuracy": balanced_accuracy(adjusted, labels),
+                "val_accuracy": float((adjusted.argmax(1) == labels).mean()), "posthoc_tau": tau,
+                "val_balanced_accuracy_raw": balanced_accuracy(probs, labels),
+                "val_accuracy_raw": float((probs.argmax(1) == labels).mean())}
+
     def fit(self) -> dict[str, Any]:
         config = self.config
         from tqdm.auto import tqdm
@@ -190,13 +205,12 @@ class Trainer:
                                               self.optimizer)
                     record["expanded"] = added
                 record["prototype_counts"] = self.head.bank.counts.tolist()
-            val = predict(self.model, self.val_split, config.eval_batch_size)
-            record["val_balanced_accuracy"] = balanced_accuracy(val["probabilities"], val["labels"])
-            record["val_accuracy"] = float((val["probabilities"].argmax(1) == val["labels"]).mean())
+            record.update(self.validate())
             self.history.append(record)
             improved = record["val_balanced_accuracy"] > self.best["val_balanced_accuracy"]
             if improved:
-                self.best = {"epoch": epoch, "val_balanced_accuracy": record["val_balanced_accuracy"]}
+                self.best = {"epoch": epoch, "val_balanced_accuracy": record["val_balanced_accuracy"],
+                             "val_accuracy": record["val_accuracy"], "posthoc_tau": record["posthoc_tau"]}
             if distributed.is_main():  # one writer; every rank holds the same state
                 if improved:
                     save_checkpoint(self.best_path, self.model, metadata={"epoch": epoch, "best": self.best})

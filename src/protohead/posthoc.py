@@ -1,0 +1,68 @@
+"""Post-hoc logit adjustment (Menon et al. 2021), its strength τ chosen on the validation split. Pure numpy.
+
+A classifier trained on long-tailed data under-predicts the rare classes. Dividing its probabilities by
+the training prior to the power τ — softmax(log p − τ·log π) — moves the decision boundaries towards the
+frequent classes' side: τ = 0 changes nothing, τ = 1 is the balanced-error Bayes rule. The trade-off is
+accuracy against balanced accuracy, so τ is chosen on validation: the largest validation balanced
+accuracy among the τ that keep validation accuracy within ``tolerance`` of τ = 0's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TAU_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, …, 1
+
+
+@dataclass(frozen=True)
+class PriorShift:
+    """The chosen strength and the validation scores it gives."""
+
+    tau: float
+    accuracy: float
+    balanced_accuracy: float
+
+
+def balanced_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean per-class recall over the classes present in ``labels``: (n, C) scores, (n,) labels."""
+    predicted = probabilities.argmax(1)
+    recalls = [float((predicted[labels == c] == c).mean()) for c in np.unique(labels)]
+    return float(np.mean(recalls))
+
+
+def log_prior(class_counts: np.ndarray | list[int]) -> np.ndarray:
+    """(C,) log training prior; every class must have at least one training sample."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or (counts <= 0).any():
+        raise ValueError(f"class counts must be positive for a prior shift, got {counts.tolist()}")
+    return np.log(counts / counts.sum())
+
+
+def adjust_probabilities(probabilities: np.ndarray, class_counts: np.ndarray | list[int], tau: float) -> np.ndarray:
+    """softmax(log p − τ·log π): (n, C) probabilities → (n, C) adjusted probabilities."""
+    if tau == 0:
+        return probabilities
+    logits = np.log(np.clip(probabilities, 1e-300, None)) - tau * log_prior(class_counts)
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def choose_prior_shift(probabilities: np.ndarray, labels: np.ndarray, class_counts: np.ndarray | list[int],
+                       tolerance: float, grid: tuple[float, ...] = TAU_GRID) -> PriorShift:
+    """The τ in ``grid`` with the best balanced accuracy whose accuracy is ≥ accuracy(τ = 0) − ``tolerance``.
+
+    Args:
+        probabilities: (n, C) validation probabilities; labels: (n,); class_counts: (C,) training counts.
+        tolerance: accuracy (a fraction) one may give up for balanced accuracy; ties go to the smaller τ.
+    """
+    choices = []
+    for tau in sorted({0.0, *grid}):
+        adjusted = adjust_probabilities(probabilities, class_counts, tau)
+        accuracy = float((adjusted.argmax(1) == labels).mean())
+        choices.append(PriorShift(tau, accuracy, balanced_accuracy(adjusted, labels)))
+    floor = choices[0].accuracy - tolerance
+    allowed = [c for c in choices if c.accuracy >= floor - 1e-12]
+    return max(allowed, key=lambda c: (c.balanced_accuracy, -c.tau))
