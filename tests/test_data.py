@@ -188,12 +188,19 @@ def test_images_directly_in_folder(mini_ham: Path) -> None:
     assert len(load_ham10000(mini_ham).splits["train"]) == 14
 
 
-def test_content_key_changes_with_files(mini_ham: Path) -> None:
+def test_content_key_follows_bytes_not_timestamps(mini_ham: Path, tmp_path: Path) -> None:
     before = load_ham10000(mini_ham).splits["train"]
     path = Path(before.sources[0]) if before.sources else None
     assert path is not None
     stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a copy or re-materialisation
+    assert load_ham10000(mini_ham).splits["train"].content_key == before.content_key
+    copy = tmp_path / "copy"
+    shutil.copytree(mini_ham, copy)  # new mtimes, same bytes: the feature cache stays valid
+    assert load_ham10000(copy).splits["train"].fingerprint() == before.fingerprint()
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # one changed byte
+    path.write_bytes(bytes(data))
     after = load_ham10000(mini_ham).splits["train"]
     assert after.content_key != before.content_key
     assert after.fingerprint() != before.fingerprint()
