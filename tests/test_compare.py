@@ -6,7 +6,7 @@ import json
 import math
 
 from protohead.cli.main import main as cli
-from protohead.compare import columns
+from protohead.compare import beyond_noise, columns, goal_line, verdict
 
 SMALL = ["subset_per_class=8", "epochs=1", "head.emb_dim=32", "head.num_heads=4", "batch_size=16", "progress=false"]
 
@@ -23,7 +23,7 @@ def test_quick_comparison_end_to_end_and_resumable(ham10000_root, feature_cache,
             assert math.isfinite(row[key]["mean"]), (name, key)
     table = (out / "comparison.md").read_text()
     assert all(f" {name} " in table for name in columns()) and "held" in table
-    assert len(summary["claims"]) == 7
+    assert len(summary["claims"]) == 8 and summary["claims"][0].startswith("Goal")
     for plot in ("balanced_accuracy.png", "per_class_recall.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a re-run recomputes nothing: every cell file is left untouched
@@ -37,3 +37,25 @@ def test_unknown_column_is_a_clear_error(ham10000_root, tmp_path, capsys):
     code = cli(["compare", "--quick", "--data", str(ham10000_root), "--out", str(tmp_path / "c"),
                 "--columns", "basic", "not_a_preset"])
     assert code == 2 and "unknown comparison column 'not_a_preset'" in capsys.readouterr().err
+
+
+def test_claim_verdicts_respect_seed_noise():
+    assert beyond_noise((0.60, 0.01, 3), (0.50, 0.01, 3))
+    assert not beyond_noise((0.52, 0.05, 3), (0.50, 0.05, 3))  # 0.02 < 2·√(2·0.05²/3) ≈ 0.082
+    assert beyond_noise((0.501, 0.0, 1), (0.500, 0.0, 1))  # one seed: no noise estimate, the sign decides
+    assert verdict(True, (0.6, 0.01, 3), (0.5, 0.01, 3)) == "held"
+    assert verdict(False, (0.6, 0.01, 3), (0.5, 0.01, 3)) == "did not hold"
+    assert verdict(True, (0.52, 0.05, 3), (0.50, 0.05, 3)).startswith("within seed noise")
+
+
+def test_goal_line_compares_the_best_head_with_every_baseline():
+    def row(acc, bal):
+        return {"accuracy": {"mean": acc, "std": 0.0}, "balanced_accuracy": {"mean": bal, "std": 0.0}}
+
+    summary = {"columns": {"basic": row(0.76, 0.66), "long_tail": row(0.70, 0.68), "linear": row(0.75, 0.50),
+                           "linear_la": row(0.64, 0.61)}}
+    line = goal_line(summary)
+    assert "not met" in line and "`long_tail`" in line  # best balanced accuracy, but below linear's accuracy
+    summary["columns"]["long_tail"] = row(0.70, 0.60)
+    line = goal_line(summary)
+    assert "met" in line and "not met" not in line and "`basic`" in line and "`linear_la`" in line

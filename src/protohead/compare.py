@@ -21,7 +21,9 @@ from protohead.runconfig import RunConfig
 
 SCHEMES = ["protopnet", "protoasnet", "head_v1", "optimalhead", "head_fixed", "optimal", "basic", "long_tail",
            "uncertainty"]
-BASELINES = ["linear", "linear_la", "balanced_softmax", "cosine"]
+BASELINES = ["linear", "linear_la", "balanced_softmax", "cosine"]  # as defined in the issue: no post-hoc shift
+# the linear head with the validation-chosen post-hoc shift every scheme gets (``RunConfig.posthoc_tau``)
+POSTHOC_BASELINES = {"linear+posthoc": "linear"}
 # controlled variants of `basic`, one per claim of the document
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "basic+all_pairs": ("basic", {"contrastive_pairs": "all"}),  # §2.3
@@ -34,17 +36,22 @@ QUICK = {"subset_per_class": 30, "epochs": 10}
 
 
 def columns() -> list[str]:
-    return [*SCHEMES, *BASELINES, *VARIANTS]
+    return [*SCHEMES, *BASELINES, *POSTHOC_BASELINES, *VARIANTS]
 
 
 def cell_config(base: RunConfig, column: str, seed: int) -> RunConfig:
+    run_overrides: dict[str, Any] = {}
     if column in VARIANTS:
         model, overrides = VARIANTS[column]
-    elif column in SCHEMES or column in BASELINES:
+    elif column in SCHEMES:
         model, overrides = column, {}
+    elif column in BASELINES:
+        model, overrides, run_overrides = column, {}, {"posthoc_tau": 0.0}
+    elif column in POSTHOC_BASELINES:
+        model, overrides = POSTHOC_BASELINES[column], {}
     else:
         raise ValueError(f"unknown comparison column {column!r}; choose from {', '.join(columns())}")
-    data = {**base.to_dict(), "model": model, "seed": seed, "head": {**base.head, **overrides}}
+    data = {**base.to_dict(), **run_overrides, "model": model, "seed": seed, "head": {**base.head, **overrides}}
     return RunConfig.from_dict(data)
 
 
@@ -157,9 +164,47 @@ def _get(summary: dict[str, Any], column: str, key: str) -> float | None:
     return None if row is None or key not in row else row[key]["mean"]
 
 
+def _stat(summary: dict[str, Any], column: str, key: str) -> tuple[float, float, int]:
+    row = summary["columns"][column]
+    return row[key]["mean"], row[key]["std"], row["seeds"]
+
+
+def beyond_noise(a: tuple[float, float, int], b: tuple[float, float, int]) -> bool:
+    """Whether mean a − mean b exceeds twice its standard error over seeds (always, with one seed)."""
+    (mean_a, std_a, n_a), (mean_b, std_b, n_b) = a, b
+    return abs(mean_a - mean_b) > 2.0 * float(np.sqrt(std_a**2 / n_a + std_b**2 / n_b))
+
+
+def verdict(expected: bool, a: tuple[float, float, int], b: tuple[float, float, int]) -> str:
+    """``held`` / ``did not hold`` for a claim resting on the difference a − b, or ``within seed noise``."""
+    if not beyond_noise(a, b):
+        return "within seed noise (|difference| ≤ 2 standard errors)"
+    return "held" if expected else "did not hold"
+
+
+def goal_line(summary: dict[str, Any]) -> str:
+    """The issue's goal: a protohead column beats every baseline on balanced accuracy, keeping linear's accuracy.
+
+    Columns are ranked by their mean test balanced accuracy — a report of the grid, not a model selection.
+    """
+    cols = summary["columns"]
+    baselines = [c for c in cols if c in BASELINES or c in POSTHOC_BASELINES]
+    heads = [c for c in cols if c not in baselines]
+    if not heads or not baselines:
+        return "Goal: needs at least one protohead column and one baseline."
+    best = max(heads, key=lambda c: _get(summary, c, "balanced_accuracy"))
+    rival = max(baselines, key=lambda c: _get(summary, c, "balanced_accuracy"))
+    bal, rival_bal = _get(summary, best, "balanced_accuracy"), _get(summary, rival, "balanced_accuracy")
+    acc, linear_acc = _get(summary, best, "accuracy"), _get(summary, "linear", "accuracy")
+    met = bal > rival_bal and acc >= linear_acc
+    return (f"Goal (a protohead column beats every baseline on balanced accuracy without losing accuracy to the "
+            f"linear head): {'met' if met else 'not met'} — best column `{best}` balanced accuracy {bal:.3f} vs "
+            f"best baseline `{rival}` {rival_bal:.3f}; accuracy {acc:.3f} vs linear {linear_acc:.3f}.")
+
+
 def claims(summary: dict[str, Any]) -> list[str]:
-    """One line per claim of the document: held / did not hold, with the numbers."""
-    lines = []
+    """One line per claim of the document: held / did not hold / within seed noise, with the numbers."""
+    lines = [goal_line(summary)] if "linear" in summary["columns"] else []
     cols = summary["columns"]
 
     def both(a: str, b: str) -> bool:
@@ -169,38 +214,45 @@ def claims(summary: dict[str, Any]) -> list[str]:
         cos_fixed, cos_all = _get(summary, "basic", "same_class_cosine"), _get(summary, "basic+all_pairs",
                                                                                 "same_class_cosine")
         acc_fixed, acc_all = _get(summary, "basic", "accuracy"), _get(summary, "basic+all_pairs", "accuracy")
-        verdict = "held" if cos_all < cos_fixed and acc_all <= acc_fixed else "did not hold"
-        lines.append(f"§2.3 all-pairs contrastive over-disperses same-class prototypes: {verdict} — mean same-class "
+        answer = verdict(cos_all < cos_fixed, _stat(summary, "basic+all_pairs", "same_class_cosine"),
+                         _stat(summary, "basic", "same_class_cosine"))
+        lines.append(f"§2.3 all-pairs contrastive over-disperses same-class prototypes: {answer} — mean same-class "
                      f"prototype cosine {cos_all:.3f} (all pairs) vs {cos_fixed:.3f} (different-class only); "
                      f"accuracy {acc_all:.3f} vs {acc_fixed:.3f}.")
     if both("basic", "basic+unbounded_sep"):
         g_margin, g_unb = cols["basic"]["grad_norm_max"], cols["basic+unbounded_sep"]["grad_norm_max"]
         bal_margin, bal_unb = _get(summary, "basic", "balanced_accuracy"), _get(summary, "basic+unbounded_sep",
                                                                                  "balanced_accuracy")
-        verdict = "held" if g_unb > g_margin and bal_unb <= bal_margin else "did not hold"
-        lines.append(f"§2.2 margin separation is more stable than the unbounded form: {verdict} — largest gradient "
+        answer = "held" if g_unb > 1.5 * g_margin else "did not hold"  # 1.5×: a gradient spike, not noise
+        lines.append(f"§2.2 margin separation is more stable than the unbounded form: {answer} — largest gradient "
                      f"norm {g_unb:.2f} (unbounded) vs {g_margin:.2f} (margin); balanced accuracy {bal_unb:.3f} vs "
                      f"{bal_margin:.3f}.")
     if both("basic", "long_tail"):
         t_sqrt, t_cb = _get(summary, "basic", "tail_recall"), _get(summary, "long_tail", "tail_recall")
-        verdict = "held" if t_cb > t_sqrt else "did not hold"
-        lines.append(f"§2.1 class-balanced weights (β = 0.9999) help the tail more than 1/√n: {verdict} — tail recall "
+        answer = verdict(t_cb > t_sqrt, _stat(summary, "long_tail", "tail_recall"),
+                         _stat(summary, "basic", "tail_recall"))
+        lines.append(f"§2.1 class-balanced weights (β = 0.9999) help the tail more than 1/√n: {answer} — tail recall "
                      f"(df, vasc, akiec) {t_cb:.3f} (class-balanced) vs {t_sqrt:.3f} (1/√n).")
     if both("basic", "basic+l2"):
         b_cos, b_l2 = _get(summary, "basic", "balanced_accuracy"), _get(summary, "basic+l2", "balanced_accuracy")
-        verdict = "held" if b_cos >= b_l2 else "did not hold"
-        lines.append(f"§1.2/§7.1 cosine suits these features better than L2: {verdict} — balanced accuracy "
+        answer = verdict(b_cos > b_l2, _stat(summary, "basic", "balanced_accuracy"),
+                         _stat(summary, "basic+l2", "balanced_accuracy"))
+        lines.append(f"§1.2/§7.1 cosine suits these features better than L2: {answer} — balanced accuracy "
                      f"{b_cos:.3f} (cosine) vs {b_l2:.3f} (L2).")
     if both("basic", "basic+orthogonality"):
         b_off, b_on = _get(summary, "basic", "balanced_accuracy"), _get(summary, "basic+orthogonality",
                                                                          "balanced_accuracy")
-        verdict = "held" if b_on <= b_off else "did not hold"
-        lines.append(f"§4.3 orthogonality does not help: {verdict} — balanced accuracy {b_on:.3f} (on) vs "
+        answer = verdict(b_on < b_off, _stat(summary, "basic+orthogonality", "balanced_accuracy"),
+                         _stat(summary, "basic", "balanced_accuracy"))
+        if answer.startswith("within"):
+            answer = "held (no measurable gain)"
+        lines.append(f"§4.3 orthogonality does not help: {answer} — balanced accuracy {b_on:.3f} (on) vs "
                      f"{b_off:.3f} (off).")
     if "uncertainty" in cols:
         a_alpha, a_msp = _get(summary, "uncertainty", "aurc"), _get(summary, "uncertainty", "aurc_max_softmax")
-        verdict = "held" if a_alpha < a_msp else "did not hold"
-        lines.append(f"§2.4 abstention gives a better uncertainty than max-softmax of the same head: {verdict} — "
+        answer = verdict(a_alpha < a_msp, _stat(summary, "uncertainty", "aurc"),
+                         _stat(summary, "uncertainty", "aurc_max_softmax"))
+        lines.append(f"§2.4 abstention gives a better uncertainty than max-softmax of the same head: {answer} — "
                      f"AURC {a_alpha:.4f} (abstention α) vs {a_msp:.4f} (1 − max softmax); lower is better.")
     silent = [f"{column}: {term}" for column, row in cols.items() for term, share in row["term_nonzero_share"].items()
               if share == 0.0 and term not in ("log_sigma_classification", "log_sigma_prototype")]
