@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
 from protohead.pipeline import feature_inputs
+from protohead.posthoc import adjust_probabilities, balanced_accuracy
 from protohead.runconfig import load_run_config
-from protohead.training.loop import Trainer, balanced_accuracy, build_model, predict
+from protohead.training.loop import Trainer, build_model, predict
 
 
 def main() -> None:
@@ -50,10 +50,9 @@ def main() -> None:
 
         load_checkpoint(trainer.best_path, model)
         val = predict(model, splits["val"], 256)
-        prior = np.log(np.asarray(counts) / sum(counts))
         posthoc = []
         for tau in (0.0, 0.25, 0.5, 0.75, 1.0):
-            adjusted = np.log(val["probabilities"] + 1e-12) - tau * prior
+            adjusted = adjust_probabilities(val["probabilities"], counts, tau)
             acc = float((adjusted.argmax(1) == val["labels"]).mean())
             posthoc.append(f"τ={tau}: {acc:.3f}/{balanced_accuracy(adjusted, val['labels']):.3f}")
         print(f"{name:28s} val acc {record['val_accuracy']:.3f} bal {record['val_balanced_accuracy']:.3f} "
