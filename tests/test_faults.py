@@ -21,7 +21,13 @@ import pytest
 import torch
 
 from protohead.runconfig import load_run_config
-from protohead.training.checkpoint import CHECKSUM_KEY, load_checkpoint, read_checkpoint, save_checkpoint
+from protohead.training.checkpoint import (
+    CHECKSUM_KEY,
+    UnverifiedCheckpointWarning,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FAULT_SEED = int(os.environ.get("PROTOHEAD_FAULT_SEED", "0"))  # seeds the kill delay; vary it to explore
@@ -225,7 +231,8 @@ def test_checkpoint_without_checksum_still_loads(checkpoint):
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     assert len(header[CHECKSUM_KEY]) == 64
     save_file(tensors, str(checkpoint), metadata={"protohead": header["protohead"]})
-    loaded, meta = read_checkpoint(checkpoint)
+    with pytest.warns(UnverifiedCheckpointWarning, match=str(checkpoint)):
+        loaded, meta = read_checkpoint(checkpoint)
     assert meta["user"] == {"epoch": 3}
     assert_same_tensors(tensors, loaded)
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from protohead.baselines import BASELINES
 from protohead.config import PRESETS, HeadConfig, preset_config
+from protohead.data.base import DEFAULT_MAX_IMAGE_PIXELS
 
 # The repository sits beside shared/ (the HAM10000 copy): src/protohead/runconfig.py → ../../../shared
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "ham10000"
@@ -47,15 +50,19 @@ class RunConfig:
     posthoc_accuracy_tolerance: float = 0.01  # "auto": val accuracy one may give up for val balanced accuracy
     eval_batch_size: int = 256
     progress: bool = True
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # refuse images whose header claims more (width × height)
 
     def __post_init__(self) -> None:
+        """Check types, then every value against its range (:data:`VALUE_RULES`), then model and head.
+
+        Each failure is a ``ValueError`` naming the key and its value: no bad count, size or rate reaches
+        training (``subset_per_class=0``, ``eval_batch_size=0``, ``lr=nan`` or ``lr=inf`` fail here).
+        """
         check_types(self)
-        if self.epochs < 1 or self.batch_size < 1 or self.image_size < 32:
-            raise ValueError("epochs and batch_size must be ≥ 1 and image_size ≥ 32")
-        if self.lr <= 0 or self.backbone_lr <= 0:
-            raise ValueError("learning rates must be positive")
-        if (self.posthoc_tau != "auto" and self.posthoc_tau < 0) or not 0 <= self.posthoc_accuracy_tolerance <= 1:
-            raise ValueError("posthoc_tau must be 'auto' or ≥ 0, and posthoc_accuracy_tolerance in [0, 1]")
+        for key, (valid, rule) in VALUE_RULES.items():
+            value = getattr(self, key)
+            if not valid(value):
+                raise ValueError(f"config key {key!r} = {value!r} is invalid: {rule}")
         if self.model not in PRESETS and self.model not in BASELINES:
             raise ValueError(f"unknown model {self.model!r}; choose a preset ({', '.join(sorted(PRESETS))}) "
                              f"or a baseline ({', '.join(BASELINES)})")
@@ -69,12 +76,54 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+    def from_dict(cls, data: Any, source: str | Path | None = None) -> RunConfig:
+        """A config from a mapping of keys to values (e.g. a parsed ``config.yaml``).
+
+        ``ValueError`` (prefixed with ``source``, e.g. the file, when given) for anything but a mapping
+        (``None`` from an empty file included), unknown keys, and every check of :meth:`__post_init__`.
+        """
+        where = f"{source}: " if source is not None else ""
+        if not isinstance(data, dict):
+            what = "nothing (an empty file?)" if data is None else f"a {type(data).__name__}"
+            raise ValueError(f"{where}a run config must be a mapping of keys to values, got {what}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(str(key) for key in data if key not in names)
         if unknown:
-            raise ValueError(f"unknown config key(s): {', '.join(unknown)} (valid keys: {', '.join(sorted(names))})")
-        return cls(**data)
+            raise ValueError(f"{where}unknown config key(s): {', '.join(unknown)} "
+                             f"(valid keys: {', '.join(sorted(names))})")
+        try:
+            return cls(**data)
+        except ValueError as error:
+            raise ValueError(f"{where}{error}") from None
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (lambda v: v >= 0, "seed must be ≥ 0"),
+    "subset_per_class": (lambda v: v is None or v >= 1, "subset_per_class must be ≥ 1 (or null for all images)"),
+    "epochs": (lambda v: v >= 1, "epochs and batch_size must be ≥ 1"),
+    "batch_size": (lambda v: v >= 1, "epochs and batch_size must be ≥ 1"),
+    "eval_batch_size": (lambda v: v >= 1, "eval_batch_size must be ≥ 1"),
+    "image_size": (lambda v: v >= 32, "image_size must be ≥ 32"),
+    "finetune_image_size": (lambda v: v >= 32, "finetune_image_size must be ≥ 32"),
+    "lr": (lambda v: _finite(v) and v > 0, "learning rates must be positive and finite"),
+    "backbone_lr": (lambda v: _finite(v) and v > 0, "learning rates must be positive and finite"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0, "weight_decay must be finite and ≥ 0"),
+    "warmup_epochs": (lambda v: v >= 0, "warmup_epochs must be ≥ 0"),
+    "push_every": (lambda v: v >= 0, "push_every must be ≥ 0 (0 disables push)"),
+    "expand_every": (lambda v: v >= 0, "expand_every must be ≥ 0 (0 disables expansion)"),
+    "expand_min_fraction": (lambda v: 0 < v <= 1, "expand_min_fraction must be in (0, 1]"),
+    "logit_adjustment_tau": (lambda v: _finite(v) and v >= 0, "logit_adjustment_tau must be finite and ≥ 0"),
+    "posthoc_tau": (lambda v: v == "auto" or (_finite(v) and v >= 0), "posthoc_tau must be 'auto' or finite and ≥ 0"),
+    "posthoc_accuracy_tolerance": (lambda v: 0 <= v <= 1, "posthoc_accuracy_tolerance must be in [0, 1]"),
+    "max_image_pixels": (lambda v: v >= 1, "max_image_pixels must be ≥ 1 (width × height of the largest image)"),
+}
+"""Range checks of :class:`RunConfig`, run after the type checks: key → (predicate, rule shown on failure).
+
+Comparisons with NaN are false, so ``0 < v <= 1``-style rules reject NaN as well."""
 
 
 def check_types(config: Any) -> None:
@@ -137,24 +186,72 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                    **fields: Any) -> RunConfig:
-    """A :class:`RunConfig` from an optional YAML file, then ``fields``, then ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        import yaml
+def _describe_yaml_error(error: Any) -> str:
+    """A one-line description of a ``yaml.YAMLError``: what went wrong, and where (line, column)."""
+    parts: list[str] = []
+    for text, mark in ((getattr(error, "context", None), getattr(error, "context_mark", None)),
+                       (getattr(error, "problem", None), getattr(error, "problem_mark", None))):
+        if text:
+            parts.append(f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else text)
+    return "; ".join(parts) if parts else " ".join(str(error).split())
 
+
+def read_config_file(path: str | Path, allow_empty: bool = True) -> dict[str, Any]:
+    """The mapping in the YAML file ``path``; every problem is a one-line ``ValueError`` naming the file.
+
+    Checked: the file exists and is readable, is UTF-8 (a byte-order mark is accepted), is valid YAML
+    for ``yaml.safe_load`` (so a ``!!python/...`` tag is refused, never constructed), and holds a
+    mapping. An empty file (or one holding only ``null``) gives ``{}`` when ``allow_empty``, else an error
+    (a run folder's ``config.yaml`` is never empty).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"config file {path} cannot be read: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"config file {path} is not UTF-8 text (line {line}: byte 0x{data[error.start]:02x}); "
+                         "save it as UTF-8") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as error:  # ConstructorError (e.g. a !!python tag: refused, never run) included
+        raise ValueError(f"config file {path} is not valid YAML: {_describe_yaml_error(error)}") from None
+    except RecursionError:
+        raise ValueError(f"config file {path} is nested too deeply to be a run config") from None
+    if loaded is None:
+        if allow_empty:
+            return {}
+        raise ValueError(f"config file {path} is empty; it must hold a mapping of keys to values")
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values, not a {type(loaded).__name__}")
+    return loaded
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                    allow_empty: bool = True, base: dict[str, Any] | None = None, **fields: Any) -> RunConfig:
+    """A :class:`RunConfig` from ``base`` (e.g. a resumed run's stored config; default: the defaults), then an
+    optional YAML file, then ``fields`` (``None`` = not given), then ``key=value`` overrides.
+
+    The file is read by :func:`read_config_file` (``allow_empty``: an empty file counts as ``{}``); every
+    error is a ``ValueError``, prefixed with the file's name when the file's own keys are at fault.
+    """
+    import copy
+
+    data: dict[str, Any] = copy.deepcopy(base) if base else {}
+    given = {k: v for k, v in fields.items() if v is not None}
+    if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping of keys to values")
-        data.update(loaded or {})
-    data.update({k: v for k, v in fields.items() if v is not None})
+        data.update(read_config_file(path, allow_empty=allow_empty))
+        if not base and not given and not overrides:  # only the file's keys: its name helps
+            return RunConfig.from_dict(data, source=f"config file {path}")
+    data.update(given)
     for text in overrides:
         keys, value = parse_override(text)
         target = data

@@ -6,6 +6,8 @@ Downstream code (feature extraction, training, evaluation) depends only on this 
 from __future__ import annotations
 
 import hashlib
+import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,26 +109,78 @@ def take(split: ImageSplit, indices: Sequence[int]) -> ImageSplit:
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp")
 
+DEFAULT_MAX_IMAGE_PIXELS: int = 6000 * 6000
+"""Largest image (width × height, read from the file header before decoding) a loader accepts.
 
-def read_rgb(path: str) -> np.ndarray:
-    """Read the image at ``path`` as (H, W, 3) uint8 RGB; raises ``ValueError`` naming the file."""
+36 Mpx: full-resolution dermoscopy photographs (ISIC archive originals run up to about 6000×4000 = 24 Mpx;
+HAM10000's originals are 600×450, the shared copy 200×150) pass with room to spare, while a forged or
+decompression-bomb header (10000×10000 and up) is refused before any pixel is decoded: 36 Mpx decode to
+108 MB of RGB. Raise it with ``max_image_pixels`` (run config key, or ``load_dataset(max_image_pixels=...)``).
+"""
+
+_RAISE_HINT = "if the image is genuine, raise the run config key max_image_pixels (load_dataset(max_image_pixels=N))"
+_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings() is not thread-safe; loaders run in decode threads
+
+
+def check_max_pixels(max_pixels: object, what: str = "max_image_pixels") -> int:
+    """``max_pixels`` if it is an int ≥ 1 (not a bool), else ``ValueError`` naming ``what`` and the value."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"{what} must be an integer ≥ 1, got {max_pixels!r}")
+    return max_pixels
+
+
+def read_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read the image at ``path`` as (H, W, 3) uint8 RGB.
+
+    The size in the file header is checked against ``max_pixels`` before anything is decoded, so a
+    forged header or a decompression bomb costs no memory. Pillow's own decompression-bomb checks
+    (``PIL.Image.MAX_IMAGE_PIXELS``, a process-wide setting) are not relied on: its warning, which names no
+    file, is silenced in favour of this check, and its error (header over twice that setting; not an
+    ``OSError``) becomes the same ``ValueError``.
+
+    Raises:
+        ValueError: naming the file, for an unreadable or truncated image, or one with more than
+            ``max_pixels`` pixels (the message gives its size, the limit and how to raise it).
+    """
     from PIL import Image, UnidentifiedImageError
 
+    max_pixels = check_max_pixels(max_pixels)
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        # Pillow's warning (over PIL.Image.MAX_IMAGE_PIXELS) names no file and decides nothing: the size
+        # check below turns such an image into the error whenever it is over max_pixels.
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # lazy: parses the header only
+        with image:
+            width, height = image.size
+            if width * height <= max_pixels:
+                return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(
+            f"image {path} refused: {str(exc).rstrip('.')}; the limit is {max_pixels:,} pixels "
+            f"(a forged header or a decompression bomb?); {_RAISE_HINT}, and beyond 2 × PIL.Image.MAX_IMAGE_PIXELS "
+            "Pillow's own limit too"
+        ) from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, MemoryError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
+    raise ValueError(
+        f"image {path} is {width}×{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+        f"(a forged header or a decompression bomb?); {_RAISE_HINT}"
+    )
 
 
 class FileLoader:
-    """A picklable ``loader(i) -> (H, W, 3) uint8`` over a tuple of image paths."""
+    """A picklable ``loader(i) -> (H, W, 3) uint8`` over a tuple of image paths.
 
-    def __init__(self, paths: Sequence[str]) -> None:
+    ``max_pixels``: images whose header claims more pixels are refused (see :func:`read_rgb`).
+    """
+
+    def __init__(self, paths: Sequence[str], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.paths = tuple(paths)
+        self.max_pixels = check_max_pixels(max_pixels)
 
     def __call__(self, index: int) -> np.ndarray:
-        return read_rgb(self.paths[index])
+        return read_rgb(self.paths[index], self.max_pixels)
 
 
 def files_content_key(paths: Sequence[str], names: Sequence[str] | None = None) -> str:

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from protohead.data.base import IMAGE_EXTENSIONS, FileLoader, ImageDataset, ImageSplit, files_content_key
+from protohead.data.base import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_EXTENSIONS,
+    FileLoader,
+    ImageDataset,
+    ImageSplit,
+    check_max_pixels,
+    files_content_key,
+)
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
@@ -33,7 +41,7 @@ def _images_in(folder: Path) -> list[Path]:
     )
 
 
-def _make_split(name: str, root: Path, files: list[tuple[Path, int]]) -> ImageSplit:
+def _make_split(name: str, root: Path, files: list[tuple[Path, int]], max_image_pixels: int) -> ImageSplit:
     """An :class:`ImageSplit` over ``files`` = [(path, label)], ids = path relative to ``root``."""
     paths = tuple(str(p) for p, _ in files)
     ids = tuple(p.relative_to(root).as_posix() for p, _ in files)
@@ -41,14 +49,14 @@ def _make_split(name: str, root: Path, files: list[tuple[Path, int]]) -> ImageSp
         name=name,
         ids=ids,
         labels=np.array([label for _, label in files], dtype=np.int64),
-        loader=FileLoader(paths),
+        loader=FileLoader(paths, max_image_pixels),
         sources=paths,
         content_key=files_content_key(paths, ids),
     )
 
 
 def load_class_folders(root: str | os.PathLike[str], seed: int = 0, val_fraction: float = 0.1,
-                       test_fraction: float = 0.2) -> ImageDataset:
+                       test_fraction: float = 0.2, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageDataset:
     """Load images organised in class folders as an :class:`ImageDataset`.
 
     Args:
@@ -56,6 +64,8 @@ def load_class_folders(root: str | os.PathLike[str], seed: int = 0, val_fraction
         seed: seed of the stratified split (flat layout only).
         val_fraction, test_fraction: fractions per class for the flat layout (rounded; train keeps at
             least one image per class).
+        max_image_pixels: ``load(i)`` refuses an image whose header claims more pixels (see
+            :func:`protohead.data.base.read_rgb`).
 
     Returns:
         Dataset named after ``root``; ids are paths relative to ``root`` (``train/cat/001.png`` or
@@ -66,6 +76,7 @@ def load_class_folders(root: str | os.PathLike[str], seed: int = 0, val_fraction
         ValueError: for a missing folder, an incomplete train/val/test layout, no classes, an empty split
             or a class absent from train; and on ``load`` for an unreadable image (naming the file).
     """
+    check_max_pixels(max_image_pixels)
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"class-folder dataset {root} does not exist or is not a folder")
@@ -89,7 +100,7 @@ def load_class_folders(root: str | os.PathLike[str], seed: int = 0, val_fraction
             ]
             if not files:
                 raise ValueError(f"{root}: split {s!r} is empty (no images in {root / s}/<class>/)")
-            splits[s] = _make_split(s, root, files)
+            splits[s] = _make_split(s, root, files, max_image_pixels)
     else:
         if not (val_fraction >= 0.0 and test_fraction >= 0.0 and val_fraction + test_fraction < 1.0):
             raise ValueError(
@@ -117,7 +128,7 @@ def load_class_folders(root: str | os.PathLike[str], seed: int = 0, val_fraction
             files = sorted(members[s], key=lambda item: item[0])
             if not files:
                 raise ValueError(f"{root}: split {s!r} is empty (too few images per class)")
-            splits[s] = _make_split(s, root, files)
+            splits[s] = _make_split(s, root, files, max_image_pixels)
 
     dataset = ImageDataset(root.name, class_names, splits)
     absent_classes = [c for c, n in zip(class_names, dataset.class_counts("train"), strict=True) if n == 0]

@@ -9,13 +9,22 @@ Layout: a folder holding ``HAM10000_metadata.csv`` (``lesion_id,image_id,dx,...`
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from protohead.data.base import IMAGE_EXTENSIONS, FileLoader, ImageDataset, ImageSplit, files_content_key
+from protohead.data.base import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_EXTENSIONS,
+    FileLoader,
+    ImageDataset,
+    ImageSplit,
+    check_max_pixels,
+    files_content_key,
+)
 
 DERMAMNIST_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 METADATA_FILE = "HAM10000_metadata.csv"
@@ -25,14 +34,33 @@ IMAGE_DIRS: tuple[str, ...] = ("images", ".", "HAM10000_images_part_1", "HAM1000
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    """Rows of ``path`` as dicts (values stripped); ``ValueError`` naming the file on missing columns."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
+    """Rows of ``path`` as dicts (values stripped).
+
+    Read as UTF-8, with or without a byte-order mark (Excel writes one). Raises ``ValueError`` naming the
+    file for missing columns, bytes that are not UTF-8 (naming the line and byte), or malformed CSV
+    (e.g. a NUL byte).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(
+            f"{path} is not UTF-8 text (line {line}: byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         columns = set(reader.fieldnames or ())
         absent = [c for c in required if c not in columns]
         if absent:
             raise ValueError(f"{path}: missing column(s) {absent}; found {sorted(columns)}")
         return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except csv.Error as exc:
+        raise ValueError(f"{path}, line {reader.line_num}: malformed CSV: {exc}") from None
 
 
 def _read_metadata(path: Path) -> dict[str, tuple[str, str]]:
@@ -156,7 +184,8 @@ def _lesion_membership(meta: dict[str, tuple[str, str]], seed: int, val_fraction
 
 
 def load_ham10000(root: str | os.PathLike[str], split: str = "official", seed: int = 0,
-                  val_fraction: float = 0.1, test_fraction: float = 0.2) -> ImageDataset:
+                  val_fraction: float = 0.1, test_fraction: float = 0.2,
+                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageDataset:
     """Load HAM10000 from ``root`` as an :class:`ImageDataset` with train/val/test splits.
 
     Args:
@@ -166,6 +195,8 @@ def load_ham10000(root: str | os.PathLike[str], split: str = "official", seed: i
             class-stratified split from the metadata; no lesion_id in two splits; each split sorted by id).
         seed: seed of the lesion split (ignored for ``"official"``).
         val_fraction, test_fraction: target image fractions of the lesion split.
+        max_image_pixels: ``load(i)`` refuses an image whose header claims more pixels (see
+            :func:`protohead.data.base.read_rgb`).
 
     Returns:
         Dataset with ``class_names == DERMAMNIST_CLASSES``; per split ids = image_id, labels (n,) int64,
@@ -177,6 +208,7 @@ def load_ham10000(root: str | os.PathLike[str], split: str = "official", seed: i
             dx label, a split-file image missing from / disagreeing with the metadata, an empty split, or
             a class absent from train.
     """
+    check_max_pixels(max_image_pixels)
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"HAM10000 folder {root} does not exist")
@@ -216,7 +248,7 @@ def load_ham10000(root: str | os.PathLike[str], split: str = "official", seed: i
             name=name,
             ids=ids,
             labels=np.array([DERMAMNIST_CLASSES.index(meta[i][1]) for i in ids], dtype=np.int64),
-            loader=FileLoader(paths),
+            loader=FileLoader(paths, max_image_pixels),
             groups=tuple(meta[i][0] for i in ids),
             sources=paths,
             content_key=files_content_key(paths, [os.path.basename(p) for p in paths]),

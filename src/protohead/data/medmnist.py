@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protohead.data.base import ImageDataset, ImageSplit
+from protohead.data.base import DEFAULT_MAX_IMAGE_PIXELS, ImageDataset, ImageSplit, check_max_pixels
 from protohead.data.ham10000 import DERMAMNIST_CLASSES
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
@@ -47,23 +47,25 @@ def _as_uint8_images(images: np.ndarray, key: str, path: Path) -> np.ndarray:
     return images
 
 
-def load_medmnist_npz(path: str | os.PathLike[str],
-                      class_names: Sequence[str] | None = None) -> ImageDataset:
+def load_medmnist_npz(path: str | os.PathLike[str], class_names: Sequence[str] | None = None,
+                      max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageDataset:
     """Load a MedMNIST ``.npz`` file as an :class:`ImageDataset`.
 
     Args:
         path: the ``.npz`` file.
         class_names: names of the classes, in label order. Default: the DermaMNIST names when the file has
             7 classes, else ``class_0 .. class_{C-1}``.
+        max_image_pixels: refuse the file when its images are larger (H × W), as the file loaders do.
 
     Returns:
         Dataset named after the file stem; ids ``train_00000`` ...; labels (n,) int64; ``load(i)`` gives
         (H, W, 3) uint8 RGB (grayscale repeated over channels); content_key from the file's size + mtime.
 
     Raises:
-        ValueError: naming the file for a missing file or key, bad shapes, mismatched lengths, labels out
-            of range, an empty split, or a class absent from train.
+        ValueError: naming the file for a missing file or key, bad shapes, images over ``max_image_pixels``,
+            mismatched lengths, labels out of range, an empty split, or a class absent from train.
     """
+    check_max_pixels(max_image_pixels)
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"MedMNIST file {path} does not exist")
@@ -95,6 +97,11 @@ def load_medmnist_npz(path: str | os.PathLike[str],
         if not np.issubdtype(lab.dtype, np.integer):
             raise ValueError(f"{path}: {s}_labels has dtype {lab.dtype}; expected integers")
         img = _as_uint8_images(arrays[f"{s}_images"], f"{s}_images", path)
+        if img.shape[1] * img.shape[2] > max_image_pixels:
+            raise ValueError(
+                f"{path}: {s}_images are {img.shape[2]}×{img.shape[1]} = {img.shape[1] * img.shape[2]:,} pixels, "
+                f"over the limit of {max_image_pixels:,}; raise max_image_pixels if they are genuine"
+            )
         if len(img) != len(lab):
             raise ValueError(f"{path}: {s}_images has {len(img)} images but {s}_labels has {len(lab)} labels")
         if len(lab) == 0:

@@ -5,12 +5,15 @@ Nothing in the load path unpickles: tensors come from safetensors, everything el
 Integrity: safetensors itself has no checksum, so a flipped bit in tensor data would load silently.
 Every checkpoint therefore carries ``protohead_sha256`` in its safetensors metadata: a sha256 over the
 JSON metadata string and every tensor (name, dtype, shape, bytes, in sorted name order).
-:func:`read_checkpoint` recomputes it and rejects a mismatch. Files written before the checksum existed
-(no ``protohead_sha256`` entry) still load, unverified.
+:func:`read_checkpoint` recomputes it and rejects a mismatch. A file without the entry (written before
+the checksum existed, or with the entry stripped, which a forger would do) still loads, but with an
+:class:`UnverifiedCheckpointWarning` naming it; ``read_checkpoint(path, require_checksum=True)`` refuses it.
 
 Atomicity: the file is written to a hidden temporary sibling (``.<name>.<random>.tmp``), fsynced and
 ``os.replace``-d over ``path``; a process killed mid-write leaves the previous checkpoint intact (plus
-at worst a stray ``.tmp`` file, which no loader reads).
+at worst a stray ``.tmp`` file, which no loader reads). The final file has the usual permissions
+(``0666 & ~umask``): safetensors' ``save_file`` replaces the file it is given by one of mode 0600, so the
+mode is set after it has written.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,10 @@ MODEL_PREFIX = "model/"
 RNG_KEY = "rng/torch"
 META_KEY = "protohead"
 CHECKSUM_KEY = "protohead_sha256"
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint was loaded without a stored sha256, so its tensors and metadata are unverified."""
 
 
 def checkpoint_digest(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
@@ -83,11 +91,12 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     os.close(handle)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes 0600; checkpoints get normal file permissions
     try:
         meta_json = json.dumps(meta)
         save_file(tensors, temp_name, metadata={META_KEY: meta_json,
                                                 CHECKSUM_KEY: checkpoint_digest(tensors, meta_json)})
+        # mkstemp makes 0600, and save_file swaps in a new 0600 file of its own: set the mode afterwards
+        os.chmod(temp_name, 0o666 & ~umask)
         with open(temp_name, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temp_name, path)
@@ -97,11 +106,13 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     return path
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_checkpoint(path: str | Path, require_checksum: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata) of a checkpoint; a missing, truncated or corrupt file is a ``ValueError`` naming it.
 
     Corrupt includes: not a safetensors file (e.g. a pickle), a garbage header, truncation, and tensor or
-    metadata bytes that no longer match the stored sha256.
+    metadata bytes that no longer match the stored sha256. A file with no stored sha256 cannot be checked:
+    it is a ``ValueError`` naming it when ``require_checksum``, else it loads with an
+    :class:`UnverifiedCheckpointWarning` naming it.
     """
     from safetensors import safe_open
 
@@ -118,16 +129,43 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         actual = checkpoint_digest(tensors, meta_json) if expected is not None else None
     except Exception as error:
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error})") from None
-    if expected is not None and actual != expected:
+    if expected is None:
+        if require_checksum:
+            raise ValueError(f"checkpoint {path} carries no sha256 ({CHECKSUM_KEY}), so it cannot be verified; "
+                             "refusing it (re-save it with this version, or load it without require_checksum)")
+        warnings.warn(f"checkpoint {path} carries no sha256 ({CHECKSUM_KEY}): loaded UNVERIFIED, its tensors "
+                      "and metadata may have been altered", UnverifiedCheckpointWarning, stacklevel=2)
+    elif actual != expected:
         raise ValueError(f"checkpoint {path} is corrupt: its tensors or metadata fail the sha256 check "
                          f"(stored {expected[:12]}…, computed {actual[:12]}…)")
     return tensors, meta
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = False) -> dict[str, Any]:
-    """Load a checkpoint into ``model`` (and ``optimizer``); returns the user metadata."""
-    tensors, meta = read_checkpoint(path)
+                    restore_rng: bool = False, require_checksum: bool = False) -> dict[str, Any]:
+    """Load a checkpoint into ``model`` (and ``optimizer``); returns the user metadata.
+
+    ``require_checksum``: refuse a checkpoint without a stored sha256 (see :func:`read_checkpoint`).
+    """
+    tensors, meta = read_checkpoint(path, require_checksum=require_checksum)
+    return load_state(path, model, tensors, meta, optimizer, restore_rng)
+
+
+def load_state(path: str | Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+               optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = False) -> dict[str, Any]:
+    """Load what :func:`read_checkpoint` returned into ``model`` (and ``optimizer``); returns the user metadata.
+
+    A checkpoint whose metadata carries the model's ``signature`` (see :func:`protohead.model.model_signature`)
+    refuses a model of another configuration, naming both, even when every tensor shape matches.
+    """
+    from protohead.model import model_signature, signature_differences
+
+    stored = meta.get("user", {}).get("signature")
+    if stored is not None:
+        differences = signature_differences(stored, model_signature(model))
+        if differences:
+            raise ValueError(f"checkpoint {path} holds a model of another configuration than the one it is loaded "
+                             f"into (checkpoint → model: {'; '.join(differences[:6])})")
     model_state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     try:
         model.load_state_dict(model_state)

@@ -1,0 +1,75 @@
+"""Building a model for a run: a head preset or a baseline on given features, optionally with its backbone.
+
+:func:`build_model` makes a fresh model from a :class:`~protohead.runconfig.RunConfig`;
+:func:`protohead.runfolder.load_model` is the one place that rebuilds a trained model from a run folder.
+:func:`model_signature` describes a model's architecture in JSON, so a checkpoint can refuse to load into a
+model of another configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from protohead.baselines import BASELINES, BaselineHead
+from protohead.head import HeadOptimal
+from protohead.runconfig import RunConfig
+
+
+class EndToEnd(nn.Module):
+    """Backbone + head, so a fine-tuning checkpoint holds both; ``forward`` is the head's (features in)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.head(*args, **kwargs)
+
+
+def build_model(config: RunConfig, num_classes: int, feature_dim: int, class_counts: list[int]) -> nn.Module:
+    """A head preset (``HeadOptimal``) or a baseline (``BaselineHead``) for these features."""
+    if config.model in BASELINES:
+        return BaselineHead(config.model, num_classes, feature_dim, class_counts, config.logit_adjustment_tau)
+    return HeadOptimal(preset=config.model, **{"num_classes": num_classes, "img_feat_dim": feature_dim,
+                                               "class_counts": tuple(class_counts), **config.head})
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    """The head inside an :class:`EndToEnd` model, or the model itself."""
+    return model.head if isinstance(model, EndToEnd) else model
+
+
+def model_signature(model: nn.Module) -> dict[str, Any]:
+    """JSON description of ``model``'s architecture and scoring (not its weights or class counts).
+
+    Two models with equal signatures interpret the same ``state_dict`` the same way; a head preset and
+    another preset with the same tensor shapes (e.g. ``basic`` vs ``head_v1``) differ here.
+    """
+    if isinstance(model, EndToEnd):
+        backbone = model.backbone
+        return {"backbone": {"name": getattr(backbone, "name", type(backbone).__name__),
+                             "image_size": getattr(backbone, "image_size", None)},
+                "head": model_signature(model.head)}
+    if isinstance(model, HeadOptimal):
+        config = model.config.to_dict()
+        config.pop("class_counts", None)
+        return {"kind": type(model).__name__, "config": config}
+    if isinstance(model, BaselineHead):
+        return {"kind": "BaselineHead", "baseline": model.kind, "num_classes": model.num_classes,
+                "img_feat_dim": model.img_feat_dim}
+    return {"kind": type(model).__name__}
+
+
+def signature_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: stored → current`` for every leaf where two signatures differ (sorted)."""
+    differences = []
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += signature_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            differences.append(f"{prefix}{key}: {old!r} → {new!r}")
+    return differences
