@@ -13,10 +13,11 @@ import time
 
 import torch
 
+from protohead.model import build_model
 from protohead.pipeline import feature_inputs
 from protohead.posthoc import adjust_probabilities, balanced_accuracy
 from protohead.runconfig import load_run_config
-from protohead.training.loop import Trainer, build_model, predict
+from protohead.training.loop import Trainer, predict
 
 
 def main() -> None:

@@ -121,13 +121,13 @@ def test_existing_run_directory_is_kept_by_train(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "last.safetensors").write_bytes(b"precious")
-    one_line_exit_2(capsys, ["train", "--out", str(out), "epochs=1"], "already exists", "--overwrite")
+    one_line_exit_2(capsys, ["train", "--out", str(out), "epochs=1"], "not a protohead run folder", "never deletes")
     assert (out / "checkpoints" / "last.safetensors").read_bytes() == b"precious"
     assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "last.safetensors"]
 
 
 def test_evaluate_a_folder_that_is_not_a_run(tmp_path, capsys):
-    one_line_exit_2(capsys, ["evaluate", str(tmp_path)], "not a protohead run directory")
+    one_line_exit_2(capsys, ["evaluate", str(tmp_path)], "not a protohead run folder")
 
 
 def test_compare_with_zero_seeds(tmp_path, capsys):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from protohead import runfolder
 from protohead.pipeline import prepare
 from protohead.runconfig import load_run_config
-from protohead.training.checkpoint import load_checkpoint, read_checkpoint
-from protohead.training.loop import build_model
+from protohead.training.checkpoint import read_checkpoint
 
 ARGS = ["subset_per_class=8", "epochs=3", "batch_size=16", "push_every=1", "expand_every=1", "progress=false",
         "head.emb_dim=32", "head.num_heads=4", "head.dropout=0.0", "lr=3e-3"]
@@ -42,9 +42,7 @@ def test_two_processes_match_one(ham10000_root, feature_cache, tmp_path):
 
     logits = {}
     for name in ("one", "two"):
-        model = build_model(config, 7, data.feature_dim, data.class_counts)
-        load_checkpoint(tmp_path / name / "checkpoints" / "last.safetensors", model)
-        model.eval()
+        model = runfolder.load_model(tmp_path / name, runfolder.LAST_CHECKPOINT).model
         tokens, pooled, _ = data.splits["val"].fetch(torch.arange(data.splits["val"].size), False)
         with torch.no_grad():
             logits[name], _, _ = model(tokens, pooled)

@@ -39,17 +39,10 @@ def explained(ham10000_root, feature_cache, tmp_path_factory) -> ExplainResult:
 
 @pytest.fixture(scope="module")
 def loaded_head(explained):
-    """The run's head rebuilt from config.yaml + best checkpoint (no backbone needed)."""
-    from protohead.training.checkpoint import load_checkpoint, read_checkpoint
-    from protohead.training.loop import build_model
+    """The run's head rebuilt from its folder alone (no data, no backbone)."""
+    from protohead import runfolder
 
-    run_dir = explained.out_dir.parent
-    cfg = read_run_config(run_dir)
-    tensors, _ = read_checkpoint(run_dir / "checkpoints" / "best.safetensors")
-    counts = tensors["model/class_counts"].long().tolist()
-    feature_dim = tensors["model/proj.0.weight"].shape[1]
-    head = build_model(cfg, len(counts), feature_dim, counts)
-    load_checkpoint(run_dir / "checkpoints" / "best.safetensors", head)
+    head = runfolder.load_model(explained.out_dir.parent).model
     return head.eval()
 
 

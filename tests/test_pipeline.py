@@ -93,7 +93,7 @@ def test_existing_run_directory_is_refused(ham10000_root, feature_cache, tmp_pat
     (out / "keep.txt").write_text("precious")
     code = cli(["run", "--data", str(ham10000_root), "--out", str(out), f"cache_dir={feature_cache}"])
     assert code == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "not a protohead run folder" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "precious"
 
 

@@ -73,13 +73,11 @@ def run_cell(config: RunConfig, cell_dir: Path, data: Any) -> dict[str, Any]:
     """Train one cell, select on val, evaluate on test, and collect the claim diagnostics."""
     from protohead.evaluation import aurc
     from protohead.pipeline import evaluate_model, train
-    from protohead.training.checkpoint import load_checkpoint
 
     started = time.perf_counter()
     result = train(config, cell_dir, overwrite=True, data=data)
     train_seconds = time.perf_counter() - started
-    model = result["model"]
-    load_checkpoint(result["best_path"], model)
+    model = result["model"]  # the selected (best) checkpoint's state
     metrics = evaluate_model(model, data, "test", cell_dir, config.eval_batch_size,
                              result["best"].get("posthoc_tau", 0.0))
     cell: dict[str, Any] = {"config": config.to_dict(), "metrics": metrics, "train_s": train_seconds,

@@ -25,6 +25,7 @@ not a flipped byte between sampled blocks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.f16"
 POOLED_FILE = "pooled.f16"
 MANIFEST_FILE = "manifest.json"
+LOCK_DIR = ".locks"  # one lock file per entry; never removed (removing a lock file races with its users)
 SAMPLE_BLOCKS = 64
 SAMPLE_BLOCK_BYTES = 64 * 1024
 _HASH_CHUNK = 8 * 1024 * 1024
@@ -353,21 +355,45 @@ def extract_features(backbone: Backbone, split: ImageSplit, cache_dir: str | Pat
     cache_dir = Path(cache_dir)
     key = feature_cache_key(backbone, split)
     entry = cache_dir / key
-    if entry.exists():
-        try:
+    if entry.exists():  # the common case, without taking the lock
+        with contextlib.suppress(CorruptCacheError):
             return open_feature_cache(entry, key=key, ids=split.ids, verify=verify)
-        except CorruptCacheError as error:
-            if on_corrupt == "error":
-                raise
-            warnings.warn(f"{error}; rebuilding the feature cache", RuntimeWarning, stacklevel=2)
-
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=cache_dir))
-    try:
-        _write_features(backbone, split, tmp, key, batch_size, progress, num_workers)
-        _discard(entry)  # a corrupt entry, or one another process finished meanwhile
-        os.replace(tmp, entry)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return open_feature_cache(entry, key=key, ids=split.ids, verify="fast")
+    with entry_lock(cache_dir, key):  # one writer per entry; readers that lost the race find it below
+        if entry.exists():
+            try:
+                return open_feature_cache(entry, key=key, ids=split.ids, verify=verify)
+            except CorruptCacheError as error:
+                if on_corrupt == "error":
+                    raise
+                warnings.warn(f"{error}; rebuilding the feature cache", RuntimeWarning, stacklevel=2)
+        remove_stale_temporaries(cache_dir, key)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=cache_dir))
+        try:
+            _write_features(backbone, split, tmp, key, batch_size, progress, num_workers)
+            _discard(entry)  # a corrupt entry
+            os.replace(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return open_feature_cache(entry, key=key, ids=split.ids, verify="fast")
+
+
+def entry_lock(cache_dir: Path, key: str) -> Any:
+    """An exclusive inter-process lock for one cache entry (``cache_dir/.locks/<key>.lock``, via ``filelock``)."""
+    from filelock import FileLock
+
+    (cache_dir / LOCK_DIR).mkdir(exist_ok=True)
+    return FileLock(str(cache_dir / LOCK_DIR / f"{key}.lock"))
+
+
+def remove_stale_temporaries(cache_dir: Path, key: str) -> list[Path]:
+    """Remove what an extraction of ``key`` killed mid-way left (``.tmp-<key16>-*``, ``.trash-<key16>-*``).
+
+    Only called under the entry's lock, so no live writer owns them. Returns the removed folders.
+    """
+    stale = [path for pattern in (f".tmp-{key[:16]}-*", f".trash-{key[:16]}-*") for path in cache_dir.glob(pattern)
+             if path.is_dir() and not path.is_symlink()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from protohead import runfolder
+from protohead.atomic import write_text_atomic
 from protohead.head import HeadOptimal
-from protohead.posthoc import adjust_probabilities
+from protohead.model import EndToEnd, build_model, head_of, model_signature
+from protohead.posthoc import final_outputs
 from protohead.runconfig import RunConfig
 from protohead.training.checkpoint import load_checkpoint
-from protohead.training.loop import SplitInputs, Trainer, build_model, predict, write_json
+from protohead.training.loop import SplitInputs, Trainer, predict, write_json
 
 
 def default_cache_dir() -> Path:
@@ -33,12 +37,15 @@ class PreparedData:
     feature_dim: int
     class_counts: list[int]
     backbone: nn.Module | None = None  # set when fine-tuning end to end
+    backbone_identity: dict[str, Any] | None = None  # name, image size, cache key (see runfolder.describe_run)
+    images: dict[str, Any] | None = None  # the ImageSplits behind the inputs (lazy loaders), by split name
 
 
 def load_data(config: RunConfig):  # -> ImageDataset
     from protohead.data import load_dataset
 
-    dataset = load_dataset(config.data, split=config.split, seed=config.seed)
+    dataset = load_dataset(config.data, split=config.split, seed=config.seed,
+                           max_image_pixels=config.max_image_pixels)
     if config.subset_per_class is not None:
         dataset = dataset.subset(config.subset_per_class, seed=config.seed)
     return dataset
@@ -64,50 +71,39 @@ def image_inputs(backbone: nn.Module, split: Any) -> SplitInputs:
     return SplitInputs(fetch, len(split), np.asarray(split.labels))
 
 
-def prepare(config: RunConfig) -> PreparedData:
-    """Load the dataset and make model inputs: cached frozen features, or images through a trainable backbone."""
+def prepare(config: RunConfig, backbone: Any = None) -> PreparedData:
+    """Load the dataset and make model inputs: cached frozen features, or images through a trainable backbone
+    (``backbone``: a fine-tuned run's own; default: a fresh pretrained one)."""
     from protohead.backbones import build_backbone
     from protohead.features import extract_features
 
     dataset = load_data(config)
     names = ("train", "val", "test")
     counts = dataset.class_counts("train").tolist()
+    missing = [name for name, count in zip(dataset.class_names, counts, strict=True) if count == 0]
+    if missing:  # one rule for the class prior everywhere: every class has training images
+        raise ValueError(f"class(es) {', '.join(missing)} of {config.data} have no training images; a model "
+                         "cannot learn or calibrate a class it never sees (drop the class or add images)")
+    ids = {n: dataset.splits[n].ids for n in names}
     if config.finetune:
-        backbone = build_backbone(config.backbone, config.finetune_image_size)
-        backbone.set_trainable(True)
+        if backbone is None:
+            backbone = build_backbone(config.backbone, config.finetune_image_size)
+            backbone.set_trainable(True)
+        identity = backbone_identity(backbone)  # the starting point; the trained weights live in the checkpoint
         splits = {name: image_inputs(backbone, dataset.splits[name]) for name in names}
-        return PreparedData(dataset.class_names, splits, {n: dataset.splits[n].ids for n in names},
-                            backbone.feature_dim, counts, backbone)
+        return PreparedData(dataset.class_names, splits, ids, backbone.feature_dim, counts, backbone, identity,
+                            dataset.splits)
     backbone = build_backbone(config.backbone, config.image_size)
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir() / "features"
     features = {name: extract_features(backbone, dataset.splits[name], cache, progress=config.progress)
                 for name in names}
-    return PreparedData(dataset.class_names, {n: feature_inputs(f) for n, f in features.items()},
-                        {n: dataset.splits[n].ids for n in names}, backbone.feature_dim, counts)
+    return PreparedData(dataset.class_names, {n: feature_inputs(f) for n, f in features.items()}, ids,
+                        backbone.feature_dim, counts, None, backbone_identity(backbone), dataset.splits)
 
 
-class EndToEnd(nn.Module):
-    """Backbone + head, so a fine-tuning checkpoint holds both."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.head(*args, **kwargs)
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch an existing run directory unless resuming or ``overwrite``."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if resume:
-            return
-        if not overwrite:
-            raise ValueError(f"run directory {run_dir} already exists and is not empty; pass --overwrite to "
-                             "replace it or --resume to continue it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def backbone_identity(backbone: Any) -> dict[str, Any]:
+    """What identifies a backbone's features: name, input size, and its cache key (config + weights digest)."""
+    return {"name": backbone.name, "image_size": backbone.image_size, "cache_key": backbone.cache_key()}
 
 
 def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Path, batch_size: int = 256,
@@ -126,12 +122,10 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Pa
 
     out_dir.mkdir(parents=True, exist_ok=True)
     prediction = predict(model, data.splits[split], batch_size)
-    probs, labels, uncertainty = prediction["probabilities"], prediction["labels"], prediction["uncertainty"]
-    if posthoc_tau:
-        probs = adjust_probabilities(probs, data.class_counts, posthoc_tau)
-        head = getattr(model, "head", model)
-        if not (isinstance(head, HeadOptimal) and head.config.use_abstention):
-            uncertainty = 1.0 - probs.max(1)
+    head = head_of(model)
+    probs, uncertainty = final_outputs(prediction["probabilities"], prediction["uncertainty"], data.class_counts,
+                                       posthoc_tau, isinstance(head, HeadOptimal) and head.config.use_abstention)
+    labels = prediction["labels"]
     metrics = compute_metrics(probs, labels, uncertainty, data.class_names)
     metrics.update(split=split, posthoc_tau=posthoc_tau)
     correct = probs.argmax(1) == labels
@@ -144,19 +138,27 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Pa
     return metrics
 
 
-def train(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-          data: PreparedData | None = None) -> dict[str, Any]:
-    """Extract (cached) → train → select on val. Returns the history, best epoch and the model."""
+@contextlib.contextmanager
+def run_session(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool, data: PreparedData | None,
+                allow_config_change: bool) -> Iterator[tuple[PreparedData, bool, float]]:
+    """Check the run folder (creating nothing), prepare the data, then open the folder for writing.
+
+    Yields ``(data, resuming, prepare_seconds)``; the folder's ``run.json`` records how the body ended.
+    A refused folder, a changed config on resume or bad data fail before the folder is created or touched.
+    """
     from protohead.training import distributed
 
-    run_dir = Path(run_dir)
     distributed.init_from_env()  # under torchrun: join the process group (gloo on CPU, nccl on GPU)
     main_process = distributed.is_main()
+    plan: runfolder.Plan = "resume" if resume else "create"
     if main_process:
-        prepare_run_dir(run_dir, resume, overwrite)
-        import yaml
-
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
+        plan = runfolder.plan_run_dir(run_dir, config.data, resume, overwrite)
+        if plan == "resume":
+            changes = runfolder.config_changes(runfolder.read_config(run_dir), config)
+            if changes and not allow_config_change:
+                raise runfolder.RunFolderError(
+                    f"--resume refused: the configuration differs from the run's ({'; '.join(changes)}); "
+                    "resume with the same settings, or pass --allow-config-change to continue with these")
     started = time.perf_counter()
     if data is None:
         if not main_process:  # rank 0 fills the feature cache first; the others then read it
@@ -164,57 +166,83 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrit
         data = prepare(config)
         if main_process:
             distributed.barrier()
-    prepared = time.perf_counter()
+    prepare_seconds = time.perf_counter() - started
+    with runfolder.open_run_dir(run_dir, plan, config, config.data, write=main_process):
+        yield data, plan == "resume", prepare_seconds
+
+
+def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) -> dict[str, Any]:
+    """Build the model, train it (continuing from ``last`` when ``resuming``) and select on val."""
+    from protohead.training import distributed
+
     torch.manual_seed(config.seed)  # here, so a run is the same whether or not the data were prepared before
     model = build_model(config, len(data.class_names), data.feature_dim, data.class_counts)
     extra = None
     if data.backbone is not None:
         model = EndToEnd(data.backbone, model)
         extra = [p for p in data.backbone.parameters() if p.requires_grad]
-    trainer = Trainer(config, model, data.splits["train"], data.splits["val"], run_dir, extra_parameters=extra)
-    if resume:
+    trainer = Trainer(config, model, data.splits["train"], data.splits["val"], run_dir, extra_parameters=extra,
+                      metadata={"run": runfolder.describe_run(config, data), "signature": model_signature(model)})
+    started = time.perf_counter()
+    if resuming:
         trainer.resume()
+        if distributed.is_main():  # the checkpoint loaded into this configuration: record it
+            runfolder.write_config(run_dir, config)
     result = trainer.fit()
-    if main_process:
-        write_json(run_dir / "history.json", result)
-        write_json(run_dir / "train_ids.json", list(data.ids["train"]))
-    result.update(model=model, data=data, best_path=trainer.best_path,
-                  timing={"prepare_s": prepared - started, "train_s": time.perf_counter() - prepared})
+    load_checkpoint(trainer.best_path, model)  # the selected model, from here on
+    if distributed.is_main():
+        write_json(run_dir / runfolder.HISTORY_FILE, result)
+        write_json(run_dir / runfolder.TRAIN_IDS_FILE, list(data.ids["train"]))
+        head = head_of(model)
+        if isinstance(head, HeadOptimal) and data.images is not None:
+            image_size = config.finetune_image_size if config.finetune else config.image_size
+            runfolder.write_prototype_sources(run_dir, head, data.images["train"], image_size)
+    result.update(model=model, data=data, best_path=trainer.best_path, train_s=time.perf_counter() - started)
     return result
 
 
-def run(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def train(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+          data: PreparedData | None = None, allow_config_change: bool = False) -> dict[str, Any]:
+    """Extract (cached) → train → select on val. Returns the history, best epoch and the model."""
+    run_dir = Path(run_dir)
+    with run_session(config, run_dir, resume, overwrite, data, allow_config_change) as (data, resuming, prep_s):
+        result = fit(config, run_dir, data, resuming)
+    result["timing"] = {"prepare_s": prep_s, "train_s": result.pop("train_s")}
+    return result
+
+
+def run(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+        allow_config_change: bool = False) -> dict[str, Any]:
     """Extract (cached) → train → select on val → evaluate on test → report. Returns the test metrics."""
     run_dir = Path(run_dir)
-    result = train(config, run_dir, resume, overwrite)
-    model, data = result["model"], result["data"]
-    load_checkpoint(result["best_path"], model)
-    metrics = evaluate_model(model, data, "test", run_dir, config.eval_batch_size,
-                             result["best"].get("posthoc_tau", 0.0))
-    timing = result["timing"]
-    timing["total_s"] = timing["prepare_s"] + timing["train_s"]
-    write_json(run_dir / "timing.json", timing)
-    write_report(run_dir, config, metrics, result, timing, data.class_names)
+    with run_session(config, run_dir, resume, overwrite, None, allow_config_change) as (data, resuming, prep_s):
+        result = fit(config, run_dir, data, resuming)
+        model = result["model"]
+        metrics = evaluate_model(model, data, "test", run_dir, config.eval_batch_size,
+                                 result["best"].get("posthoc_tau", 0.0))
+        timing = {"prepare_s": prep_s, "train_s": result["train_s"], "total_s": prep_s + result["train_s"]}
+        write_json(run_dir / runfolder.TIMING_FILE, timing)
+        write_report(run_dir, config, metrics, result, timing, data.class_names)
     return metrics
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Re-evaluate a finished run's selected checkpoint on ``split``."""
-    import yaml
+def evaluate_run(run_dir: str | Path, split: str = "test", out_dir: str | Path | None = None,
+                 data_path: str | Path | None = None) -> dict[str, Any]:
+    """Re-evaluate a finished run's selected checkpoint on ``split`` (``data_path``: where the data are now)."""
+    import dataclasses
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ValueError(f"{run_dir} is not a protohead run directory (no config.yaml)")
-    config = RunConfig.from_dict(yaml.safe_load(config_path.read_text()))
-    data = prepare(config)
-    model = build_model(config, len(data.class_names), data.feature_dim, data.class_counts)
-    if data.backbone is not None:
-        model = EndToEnd(data.backbone, model)
-    best = run_dir / "checkpoints" / "best.safetensors"
-    meta = load_checkpoint(best, model)
-    return evaluate_model(model, data, split, Path(out_dir) if out_dir else run_dir / f"eval-{split}",
-                          config.eval_batch_size, meta["best"].get("posthoc_tau", 0.0))
+    config = runfolder.read_config(run_dir)
+    if data_path is not None:
+        config = dataclasses.replace(config, data=str(data_path))
+    loaded = runfolder.load_model(run_dir)
+    # fine-tuned: the images must run through the run's own (trained) backbone
+    data = prepare(config, backbone=loaded.model.backbone if isinstance(loaded.model, EndToEnd) else None)
+    if loaded.class_names != tuple(data.class_names):
+        raise ValueError(f"the data at {config.data} have classes {list(data.class_names)}, the run "
+                         f"{run_dir} was trained on {list(loaded.class_names)}")
+    return evaluate_model(loaded.model, data, split, Path(out_dir) if out_dir else run_dir / f"eval-{split}",
+                          config.eval_batch_size, loaded.posthoc_tau)
 
 
 def write_report(run_dir: Path, config: RunConfig, metrics: dict[str, Any], result: dict[str, Any],
@@ -240,4 +268,4 @@ def write_report(run_dir: Path, config: RunConfig, metrics: dict[str, Any], resu
         "", f"Time: prepare {timing['prepare_s']:.0f} s, train {timing['train_s']:.0f} s, "
         f"total {timing['total_s']:.0f} s.", "",
         "Plots: confusion_matrix.png, reliability.png, risk_coverage.png."]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(run_dir / runfolder.REPORT_FILE, "\n".join(lines) + "\n")

@@ -50,6 +50,17 @@ def adjust_probabilities(probabilities: np.ndarray, class_counts: np.ndarray | l
     return weights / weights.sum(axis=1, keepdims=True)
 
 
+def final_outputs(probabilities: np.ndarray, uncertainty: np.ndarray, class_counts: np.ndarray | list[int],
+                  tau: float, uncertainty_from_abstention: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The probabilities and uncertainty a run reports: (n, C) probabilities shifted by τ (see
+    :func:`adjust_probabilities`) and (n,) uncertainty — the head's abstention probability when it has one,
+    else 1 − max of the shifted probabilities. Used by evaluation and prediction alike."""
+    if not tau:
+        return probabilities, uncertainty
+    shifted = adjust_probabilities(probabilities, class_counts, tau)
+    return shifted, (uncertainty if uncertainty_from_abstention else 1.0 - shifted.max(1))
+
+
 def choose_prior_shift(probabilities: np.ndarray, labels: np.ndarray, class_counts: np.ndarray | list[int],
                        tolerance: float, grid: tuple[float, ...] = TAU_GRID) -> PriorShift:
     """The τ in ``grid`` with the best balanced accuracy whose accuracy is ≥ accuracy(τ = 0) − ``tolerance``.

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from protohead import runfolder
 from protohead.runconfig import RunConfig, load_run_config
 
 
@@ -26,12 +27,26 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def add_run_dir_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="run directory (default runs/<model>-<split>-seed<seed>)")
     parser.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing protohead run in --out (only its own files; anything else "
+                             "in the folder makes it refuse)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="with --resume: continue with settings that differ from the stored run's")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    return load_run_config(args.config, args.overrides, data=args.data, model=args.model, split=args.split,
-                           seed=args.seed)
+    """The run config from the arguments. With ``--resume`` on an existing run, its stored config is the base,
+    so ``--resume`` alone continues the run and only the settings given on the command line can differ."""
+    def load(base: dict | None = None) -> RunConfig:
+        return load_run_config(args.config, args.overrides, base=base, data=args.data, model=args.model,
+                               split=args.split, seed=args.seed)
+
+    config = load()
+    if getattr(args, "resume", False):
+        out = args.out or default_run_dir(config)
+        if (Path(out) / runfolder.CONFIG_FILE).is_file():
+            config = load(runfolder.read_config(out).to_dict())
+    return config
 
 
 def default_run_dir(config: RunConfig) -> Path:

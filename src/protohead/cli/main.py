@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from protohead.cli import compare, evaluate, explain, extract, run, train
+from protohead.cli import compare, evaluate, explain, extract, predict, run, train
 
-VERBS = (run, train, evaluate, extract, compare, explain)
+VERBS = (run, train, evaluate, predict, extract, compare, explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (``train --out x --resume lr=0.5``); argparse alone would
+    # take only those before the first option
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     return args.handler(args)
 
 

@@ -21,7 +21,8 @@ def main(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     run_dir = args.out or default_run_dir(config)
-    metrics = run(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+    metrics = run(config, run_dir, resume=args.resume, overwrite=args.overwrite,
+                  allow_config_change=args.allow_config_change)
     summary = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece", "aurc")}
     print(json.dumps(summary, indent=2))
     print(f"report: {Path(run_dir) / 'report.md'}")

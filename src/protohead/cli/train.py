@@ -19,6 +19,7 @@ def main(args: argparse.Namespace) -> int:
     from protohead.pipeline import train
 
     config = config_from_args(args)
-    result = train(config, args.out or default_run_dir(config), resume=args.resume, overwrite=args.overwrite)
+    result = train(config, args.out or default_run_dir(config), resume=args.resume, overwrite=args.overwrite,
+                  allow_config_change=args.allow_config_change)
     print(json.dumps(result["best"]))
     return 0

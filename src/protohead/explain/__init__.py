@@ -64,39 +64,33 @@ class ExplainResult:
 
 
 def read_run_config(run_dir: str | Path) -> Any:
-    """The :class:`~protohead.runconfig.RunConfig` of a run directory; ``ValueError`` if it is not one."""
-    import yaml
+    """The :class:`~protohead.runconfig.RunConfig` of a finished run folder; ``ValueError`` if it is not one."""
+    from protohead import runfolder
 
-    from protohead.runconfig import RunConfig
-
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ValueError(f"{run_dir} is not a protohead run directory (no config.yaml)")
-    if not (run_dir / "checkpoints" / "best.safetensors").is_file():
-        raise ValueError(f"run {run_dir} has no checkpoints/best.safetensors (did it finish an epoch?)")
-    return RunConfig.from_dict(yaml.safe_load(config_path.read_text()))
+    config = runfolder.read_config(run_dir)
+    if not (Path(run_dir) / runfolder.BEST_CHECKPOINT).is_file():
+        raise ValueError(f"run {run_dir} has no {runfolder.BEST_CHECKPOINT} (did it finish an epoch?)")
+    return config
 
 
-def load_model(run_dir: str | Path, config: Any) -> tuple[Any, torch.nn.Module]:
-    """(prepared data, model with the run's best checkpoint loaded, in eval mode)."""
-    from protohead.pipeline import EndToEnd, prepare
-    from protohead.training.checkpoint import load_checkpoint
-    from protohead.training.loop import build_model
+def load_model(run_dir: str | Path, config: Any) -> tuple[Any, torch.nn.Module, float]:
+    """(prepared data, the run's selected model in eval mode, its post-hoc τ), via the run-folder module."""
+    from protohead import runfolder
+    from protohead.model import EndToEnd
+    from protohead.pipeline import prepare
 
-    data = prepare(config)
-    model = build_model(config, len(data.class_names), data.feature_dim, data.class_counts)
-    if data.backbone is not None:
-        model = EndToEnd(data.backbone, model)
-    load_checkpoint(Path(run_dir) / "checkpoints" / "best.safetensors", model)
-    model.eval()
-    return data, model
+    loaded = runfolder.load_model(run_dir)
+    data = prepare(config, backbone=loaded.model.backbone if isinstance(loaded.model, EndToEnd) else None)
+    return data, loaded.model, loaded.posthoc_tau
 
 
 @torch.no_grad()
-def _outputs(model: torch.nn.Module, split: Any, indices: Sequence[int], batch_size: int, keep_maps: bool
-             ) -> dict[str, np.ndarray]:
-    """Eval-mode head outputs for ``indices`` of a split: probabilities, uncertainty, winners (+ maps)."""
+def _outputs(model: torch.nn.Module, split: Any, indices: Sequence[int], batch_size: int, keep_maps: bool,
+             class_counts: Sequence[int], tau: float) -> dict[str, np.ndarray]:
+    """Eval-mode head outputs for ``indices`` of a split: probabilities and uncertainty exactly as the run's
+    metrics use them (post-hoc τ applied, :func:`protohead.posthoc.final_outputs`), winners (+ maps)."""
+    from protohead.posthoc import final_outputs
+
     keys = ["probabilities", "uncertainty", "winning_prototype"] + (["similarities", "attention"] if keep_maps else [])
     parts: dict[str, list[np.ndarray]] = {key: [] for key in keys}
     order = torch.as_tensor(list(indices), dtype=torch.long)
@@ -106,7 +100,12 @@ def _outputs(model: torch.nn.Module, split: Any, indices: Sequence[int], batch_s
         for key in keys:
             if info.get(key) is not None:
                 parts[key].append(info[key].float().numpy() if key != "winning_prototype" else info[key].numpy())
-    return {key: np.concatenate(values) for key, values in parts.items() if values}
+    result = {key: np.concatenate(values) for key, values in parts.items() if values}
+    head = getattr(model, "head", model)
+    result["probabilities"], result["uncertainty"] = final_outputs(
+        result["probabilities"].astype(np.float64), result["uncertainty"].astype(np.float64), class_counts, tau,
+        bool(head.config.use_abstention))
+    return result
 
 
 def _train_batches(split: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -142,7 +141,7 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
     dataset = load_data(config)  # images, and the test ids to check --images against before the slow part
     chosen_ids = list(dict.fromkeys(image_ids)) if image_ids else None
     chosen = resolve_image_ids(dataset.splits["test"].ids, chosen_ids) if chosen_ids else None
-    data, model = load_model(run_dir, config)
+    data, model, tau = load_model(run_dir, config)
     head = getattr(model, "head", model)
     if not isinstance(head, HeadOptimal):
         raise ValueError(f"run {run_dir} uses {config.model!r}, which has no prototypes to explain")
@@ -170,7 +169,8 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
         purities = purity(head.bank.prototypes.detach(), valid, _train_batches(data.splits["train"], batch_size), k=k,
                           distance=head.config.distance, project=head.proj, class_names=names)
     val_split = data.splits["val"]
-    val = _outputs(model, val_split, range(val_split.size), batch_size, keep_maps=False)
+    val = _outputs(model, val_split, range(val_split.size), batch_size, keep_maps=False,
+                   class_counts=data.class_counts, tau=tau)
     dead = dead_prototypes(val["winning_prototype"], valid, val_split.labels, names)
     duplicates = near_duplicates(head.bank.prototypes.detach(), valid, duplicate_threshold, names)
     diagnostics = {"purity": purities, "near_duplicates": duplicates, "dead_prototypes": dead,
@@ -206,9 +206,11 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
 
     # explanations -----------------------------------------------------------------------------------
     if chosen is None:
-        test = _outputs(model, test_split, range(test_split.size), batch_size, keep_maps=False)
+        test = _outputs(model, test_split, range(test_split.size), batch_size, keep_maps=False,
+                   class_counts=data.class_counts, tau=tau)
         chosen = select_images(test_split.labels, test["probabilities"].argmax(1), count)
-    outputs = _outputs(model, test_split, chosen, batch_size, keep_maps=True)
+    outputs = _outputs(model, test_split, chosen, batch_size, keep_maps=True,
+                       class_counts=data.class_counts, tau=tau)
     image_split = dataset.splits["test"]
     for row, index in enumerate(chosen):
         prediction = ImagePrediction(outputs["probabilities"][row], float(outputs["uncertainty"][row]),

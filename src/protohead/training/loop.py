@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from protohead.atomic import write_text_atomic
-from protohead.baselines import BASELINES, BaselineHead
 from protohead.head import HeadOptimal
+from protohead.model import head_of
 from protohead.posthoc import adjust_probabilities, balanced_accuracy, choose_prior_shift
 from protohead.runconfig import RunConfig
 from protohead.training import distributed
@@ -34,14 +34,6 @@ class SplitInputs:
     fetch: Inputs
     size: int
     labels: np.ndarray
-
-
-def build_model(config: RunConfig, num_classes: int, feature_dim: int, class_counts: list[int]) -> nn.Module:
-    """A head preset (``HeadOptimal``) or a baseline (``BaselineHead``) for these features."""
-    if config.model in BASELINES:
-        return BaselineHead(config.model, num_classes, feature_dim, class_counts, config.logit_adjustment_tau)
-    return HeadOptimal(preset=config.model, **{"num_classes": num_classes, "img_feat_dim": feature_dim,
-                                               "class_counts": tuple(class_counts), **config.head})
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -78,14 +70,37 @@ def predict(model: nn.Module, split: SplitInputs, batch_size: int) -> dict[str, 
             "labels": split.labels.astype(np.int64)}
 
 
+class TrainingDivergedError(ValueError):
+    """The loss or its gradient became NaN or infinite; training stopped before the step was applied."""
+
+
+def check_finite_step(loss: torch.Tensor, info: dict[str, Any], epoch: int, step: int, lr: float,
+                      last_checkpoint: Path) -> None:
+    """Raise :class:`TrainingDivergedError` naming the non-finite loss terms when the loss or the gradient norm is
+    NaN/Inf (one host sync per step; the optimiser step that would spread the NaN is not taken)."""
+    if bool(torch.isfinite(loss.detach()) & torch.isfinite(info["grad_norm"])):
+        return
+    terms = {name: float(value) for name, value in info.items()
+             if isinstance(value, torch.Tensor) and value.dim() == 0}
+    bad = [f"{name}={value}" for name, value in terms.items() if not math.isfinite(value)]
+    kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint.is_file()
+            else "no epoch finished, so no checkpoint was written")
+    raise TrainingDivergedError(f"training diverged at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}): loss "
+                           f"{float(loss.detach()):.4g}, non-finite: {', '.join(bad) or 'none'}; {kept}. Lower lr "
+                           "(or check the features) and start again")
+
+
 class Trainer:
     """Trains ``model`` on ``train``, selects on ``val``; checkpoints go to ``run_dir/checkpoints``."""
 
     def __init__(self, config: RunConfig, model: nn.Module, train: SplitInputs, val: SplitInputs, run_dir: Path,
-                 extra_parameters: list[nn.Parameter] | None = None) -> None:
+                 extra_parameters: list[nn.Parameter] | None = None, metadata: dict[str, Any] | None = None) -> None:
+        """``metadata``: JSON written into every checkpoint beside the epoch and selection (the run's
+        description, so a checkpoint is usable on its own; see :func:`protohead.runfolder.describe_run`)."""
         self.config = config
         self.model = model
-        inner = getattr(model, "head", model)  # end-to-end wrapper → its head
+        self.metadata = dict(metadata or {})
+        inner = head_of(model)
         self.head = inner if isinstance(inner, HeadOptimal) else None
         inner.gather = distributed.sample_gather()
         self.train_split = train
@@ -155,6 +170,7 @@ class Trainer:
             loss.backward()
             distributed.average_gradients(self.parameters)
             info = {**info, "grad_norm": torch.nn.utils.clip_grad_norm_(self.parameters, float("inf"))}
+            check_finite_step(loss, info, epoch, i, self.optimizer.param_groups[0]["lr"], self.last_path)
             self.optimizer.step()
             for name, value in info.items():
                 if isinstance(value, torch.Tensor) and value.dim() == 0:
@@ -213,9 +229,10 @@ class Trainer:
                              "val_accuracy": record["val_accuracy"], "posthoc_tau": record["posthoc_tau"]}
             if distributed.is_main():  # one writer; every rank holds the same state
                 if improved:
-                    save_checkpoint(self.best_path, self.model, metadata={"epoch": epoch, "best": self.best})
+                    save_checkpoint(self.best_path, self.model,
+                                    metadata={**self.metadata, "epoch": epoch, "best": self.best})
                 save_checkpoint(self.last_path, self.model, self.optimizer,
-                                metadata={"epoch": epoch, "history": self.history, "best": self.best})
+                                metadata={**self.metadata, "epoch": epoch, "history": self.history, "best": self.best})
             distributed.barrier()
         rank, world = distributed.rank_and_world()
         if world > 1 and rank > 0:  # for verification: every other rank's final state beside rank 0's
