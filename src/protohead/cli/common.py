@@ -18,8 +18,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="head preset (basic, long_tail, uncertainty, protopnet, ...) or baseline "
                              "(linear, linear_la, balanced_softmax, cosine)")
     parser.add_argument("--config", type=Path, help="YAML config file")
-    parser.add_argument("--split", choices=["official", "lesion"])
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--split", choices=["official", "lesion"],
+                        help="HAM10000 split: official (DermaMNIST) or lesion-grouped (default official)")
+    parser.add_argument("--seed", type=int, help="seed of the run (model initialisation, batch order; default 0)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=5 "
                                                                            "head.emb_dim=256")
 

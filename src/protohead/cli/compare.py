@@ -11,14 +11,15 @@ from protohead.cli.common import guarded
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("compare", help=__doc__.split(":", 1)[1].strip().rstrip("."))
     parser.add_argument("--data", help="dataset folder (default: ../shared/data/ham10000)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--split", choices=["official", "lesion"], default="official")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per column (default 3)")
+    parser.add_argument("--split", choices=["official", "lesion"], default="official",
+                        help="HAM10000 split (default official)")
     parser.add_argument("--quick", action="store_true",
                         help="small subset (30 images per class and split), 1 seed, 10 epochs (≤ 5 minutes)")
     parser.add_argument("--columns", nargs="+", help="run only these columns")
     parser.add_argument("--out", type=Path, help="output folder (default runs/compare-<split>[-quick])")
     parser.add_argument("--config", type=Path, help="YAML config for the shared settings")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every cell")
     parser.set_defaults(handler=guarded(main))
 
 

@@ -11,7 +11,10 @@ VERBS = (run, train, evaluate, predict, extract, compare, explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from protohead import __version__
+
     parser = argparse.ArgumentParser(prog="protohead", description="Multi-prototype heads on image backbones.")
+    parser.add_argument("--version", action="version", version=f"protohead {__version__}")
     subparsers = parser.add_subparsers(dest="verb", required=True)
     for verb in VERBS:
         verb.register(subparsers)

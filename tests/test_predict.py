@@ -1,0 +1,138 @@
+"""Using a trained run anywhere (issue 12): ``load_run(...).predict`` and ``protohead predict`` give the numbers
+``evaluate`` gives, from any directory and without the training data; checkpoints describe themselves and
+refuse a model of another configuration; ``explain`` reports exactly the metrics' probabilities."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_cli_errors import FULL, TINY, split_layout
+from test_pipeline import config as ham_config
+
+from protohead import runfolder
+from protohead.cli.main import main as cli
+from protohead.head import HeadOptimal
+from protohead.pipeline import load_data, run
+from protohead.predict import load_run
+from protohead.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ham_run(ham10000_root, feature_cache, tmp_path_factory) -> tuple[Path, object]:
+    """A short basic run on 12 real HAM10000 images per class and split (pushed every epoch)."""
+    out = tmp_path_factory.mktemp("ham-run") / "run"
+    cfg = ham_config(ham10000_root, feature_cache, "epochs=3", "push_every=1", "expand_every=0", "lr=3e-3")
+    run(cfg, out)
+    return out, cfg
+
+
+def test_load_run_predict_equals_the_evaluated_predictions(ham_run):
+    out, cfg = ham_run
+    saved = np.load(out / "predictions_test.npz")
+    test = load_data(cfg).splits["test"]
+    assert tuple(saved["ids"]) == test.ids
+    predictor = load_run(out)
+    predictions = predictor.predict(list(test.sources))
+    probs = np.array([[p.probabilities[name] for name in predictor.class_names] for p in predictions])
+    uncertainty = np.array([p.uncertainty for p in predictions])
+    assert np.abs(probs - saved["probabilities"]).max() <= 1e-5
+    assert np.abs(uncertainty - saved["uncertainty"]).max() <= 1e-5
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["posthoc_tau"] == predictor.loaded.posthoc_tau
+    # evidence: the cited prototypes were pushed onto training images the run names, with a map per prototype
+    cited = predictions[0].prototypes
+    train_ids = set(json.loads((out / "train_ids.json").read_text()))
+    assert len(cited) == 3 and all(p.source_id in train_ids for p in cited)
+    assert all(p.evidence.shape == (7, 7) and abs(p.evidence.sum() - 1) < 1e-4 for p in cited)
+
+
+def test_checkpoint_describes_the_run(ham_run):
+    out, _ = ham_run
+    _, meta = read_checkpoint(out / runfolder.BEST_CHECKPOINT)
+    described = meta["user"]["run"]
+    assert described["class_names"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert described["feature_dim"] == 1280 and described["backbone"]["name"] == "efficientnet_lite0"
+    assert described["config"]["model"] == "basic" and sum(described["class_counts"]) > 0
+    assert meta["user"]["signature"]["config"]["num_classes"] == 7
+    sources = runfolder.read_prototype_sources(out)
+    head = runfolder.load_model(out).model
+    pushed = {(c, s) for c, s in head.bank.valid.nonzero().tolist() if int(head.push_image[c, s]) >= 0}
+    assert pushed and set(sources) == pushed
+    assert all(record["image"].dtype == np.uint8 and record["image"].ndim == 3 for record in sources.values())
+
+
+def test_explain_uses_the_metrics_probabilities(ham_run):
+    from protohead.explain import _outputs, load_model
+
+    out, cfg = ham_run
+    data, model, tau = load_model(out, cfg)
+    saved = np.load(out / "predictions_test.npz")
+    test = data.splits["test"]
+    outputs = _outputs(model, test, range(test.size), 64, keep_maps=False, class_counts=data.class_counts, tau=tau)
+    np.testing.assert_array_equal(outputs["probabilities"].argmax(1), saved["probabilities"].argmax(1))
+    np.testing.assert_allclose(outputs["probabilities"], saved["probabilities"], atol=1e-6)
+
+
+def test_predict_cli_from_elsewhere_without_the_data(tmp_path, monkeypatch, capsys):
+    data = split_layout(tmp_path / "data", {"train": {"a": 3, "b": 3}, "val": FULL, "test": FULL})
+    out = tmp_path / "run"
+    assert cli(["run", "--data", str(data), "--out", str(out), f"cache_dir={tmp_path / 'cache'}", *TINY,
+                "epochs=2", "push_every=1"]) == 0
+    saved = np.load(out / "predictions_test.npz")
+    images = tmp_path / "incoming"
+    images.mkdir()
+    for image_id in saved["ids"]:
+        shutil.copy(data / image_id, images / image_id.replace("/", "_"))
+    shutil.move(data, tmp_path / "data-moved-away")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert cli(["predict", str(out), *(str(images / i.replace("/", "_")) for i in saved["ids"]), "--json",
+                "--explain", "figures"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == len(saved["ids"])
+    for row, line in zip(saved["probabilities"], lines, strict=True):
+        assert line["predicted"] == ["a", "b"][int(row.argmax())]
+        np.testing.assert_allclose([line["probabilities"]["a"], line["probabilities"]["b"]], row, atol=1e-6)
+    assert len(list((elsewhere / "figures").glob("explain_*.png"))) == len(lines)
+
+
+def test_predict_cli_reports_bad_images_and_goes_on(tmp_path, capsys):
+    data = split_layout(tmp_path / "data", {"train": FULL, "val": FULL, "test": FULL})
+    out = tmp_path / "run"
+    assert cli(["train", "--data", str(data), "--out", str(out), f"cache_dir={tmp_path / 'cache'}", *TINY]) == 0
+    (tmp_path / "notes.png").write_text("not an image")
+    good = data / "test" / "a" / "0.png"
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:30])
+    capsys.readouterr()
+    code = cli(["predict", str(out), str(tmp_path / "notes.png"), str(good), str(truncated),
+                str(tmp_path / "missing.jpg"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert len(captured.out.splitlines()) == 1 and json.loads(captured.out)["source"] == str(good)
+    errors = captured.err.splitlines()
+    for name in ("notes.png", "truncated.png", "missing.jpg"):
+        assert sum(name in line for line in errors) == 1, captured.err
+    assert "3 of 4 image(s)" in errors[-1]
+
+
+def test_a_checkpoint_refuses_a_head_of_another_configuration(tmp_path):
+    basic = HeadOptimal(preset="basic", num_classes=3, img_feat_dim=8, emb_dim=16, num_heads=2)
+    other = HeadOptimal(preset="head_v1", num_classes=3, img_feat_dim=8, emb_dim=16, num_heads=2)
+    assert basic.state_dict().keys() == other.state_dict().keys()  # same tensors: load_state_dict alone succeeds
+    from protohead.model import model_signature
+
+    path = save_checkpoint(tmp_path / "c.safetensors", basic, metadata={"signature": model_signature(basic)})
+    with pytest.raises(ValueError, match=r"another configuration.*→"):
+        load_checkpoint(path, other)
+    twin = HeadOptimal(preset="basic", num_classes=3, img_feat_dim=8, emb_dim=16, num_heads=2)
+    load_checkpoint(path, twin)
+    for key, value in basic.state_dict().items():
+        torch.testing.assert_close(twin.state_dict()[key], value, equal_nan=True)
