@@ -17,8 +17,11 @@ def test_adjustment_is_the_prior_shift_of_the_log_probabilities():
     prior = np.asarray(counts) / 100
     want = probs / prior**0.5
     np.testing.assert_allclose(shifted, want / want.sum(1, keepdims=True), rtol=1e-12)
-    with pytest.raises(ValueError, match="class counts must be positive"):
-        adjust_probabilities(probs, [80, 0, 5], 0.5)
+    # the one prior rule: a class without training samples counts as one
+    np.testing.assert_allclose(adjust_probabilities(probs, [80, 0, 5], 0.5), adjust_probabilities(probs, [80, 1, 5],
+                                                                                                  0.5), rtol=1e-12)
+    with pytest.raises(ValueError, match="non-negative counts"):
+        adjust_probabilities(probs, [80, -1, 5], 0.5)
 
 
 def test_tau_is_the_best_balanced_accuracy_within_the_accuracy_tolerance():

@@ -280,3 +280,21 @@ def test_evaluate_with_a_broken_run_config_is_one_line(tmp_path, capsys, content
     (tmp_path / "config.yaml").write_text(content)
     err = one_line_exit_2(capsys, ["evaluate", str(tmp_path)], fragment, "config.yaml")
     assert "hacked" not in capsys.readouterr().out + err
+
+
+# ----------------------------------------------------------------------------- what users expect of a training CLI
+def test_one_console_line_and_one_csv_row_per_epoch(tmp_path, capsys, data):
+    out = tmp_path / "run"
+    assert cli([*train_argv(data, out, tmp_path), "epochs=2", "progress=true"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "val bal acc" in line]  # not the bars
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
+    assert all(line.startswith("epoch ") and "tau" in line and line.endswith(" s") for line in lines)
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,loss/total,val_accuracy,val_balanced_accuracy,posthoc_tau")
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("protohead ")

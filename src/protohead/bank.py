@@ -1,4 +1,4 @@
-"""The prototype bank: a (C, M, D) parameter, per-class counts, and the derived valid mask.
+"""The prototype bank: a (C, M, D) parameter, per-class counts, the derived valid mask, and push records.
 
 Slot ``k`` of class ``c`` is valid iff ``k < counts[c]``. Counts live in ``state_dict`` (a buffer), so a
 head expanded during training reloads into a freshly built one exactly. Unused slots are inert: the head
@@ -35,6 +35,11 @@ class PrototypeBank(nn.Module):
         self.normalized = normalized
         self.prototypes = nn.Parameter(values)
         self.register_buffer("counts", torch.full((num_classes,), initial, dtype=torch.long))
+        # push records (SPEC §5): training image index, token index and similarity of each prototype's source
+        shape = (num_classes, max_prototypes)
+        self.register_buffer("push_image", torch.full(shape, -1, dtype=torch.long))
+        self.register_buffer("push_token", torch.full(shape, -1, dtype=torch.long))
+        self.register_buffer("push_similarity", torch.full(shape, float("nan")))
 
     @property
     def num_classes(self) -> int:
@@ -66,6 +71,16 @@ class PrototypeBank(nn.Module):
         self.prototypes[class_index, slot] = updated.to(self.prototypes.dtype)
 
     @torch.no_grad()
+    def push(self, class_index: int, slot: int, target: torch.Tensor, momentum: float, image: int, token: int,
+             similarity: float) -> None:
+        """Move a prototype toward a training token (:meth:`ema_update`; ``momentum`` 0 puts it exactly there)
+        and record that token as its source (``image``, ``token``, ``similarity`` before the move)."""
+        self.ema_update(class_index, slot, target, momentum)
+        self.push_image[class_index, slot] = image
+        self.push_token[class_index, slot] = token
+        self.push_similarity[class_index, slot] = similarity
+
+    @torch.no_grad()
     def expand(self, class_index: int, vector: torch.Tensor) -> int:
         """Occupy the next free slot of ``class_index`` with ``vector`` (D,); returns the slot index."""
         if not 0 <= class_index < self.num_classes:
@@ -80,6 +95,9 @@ class PrototypeBank(nn.Module):
             raise ValueError("prototype vector contains NaN or Inf")
         self.prototypes[class_index, slot] = F.normalize(vector, dim=-1) if self.normalized else vector
         self.counts[class_index] += 1
+        self.push_image[class_index, slot] = -1  # a new slot has no source until it is pushed
+        self.push_token[class_index, slot] = -1
+        self.push_similarity[class_index, slot] = float("nan")
         return slot
 
     def _check_slot(self, class_index: int, slot: int) -> None:

@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protohead.objective import AdjustedCrossEntropy, HeadScores, log_prior
 from protohead.validation import check_head_inputs
 
 BASELINES = ("linear", "linear_la", "balanced_softmax", "cosine")
@@ -36,18 +36,16 @@ class BaselineHead(nn.Module):
         self.linear = nn.Linear(img_feat_dim, num_classes, bias=kind != "cosine")
         if kind == "cosine":
             self.log_temperature = nn.Parameter(torch.tensor(math.log(10.0)))
-        counts = torch.ones(num_classes) if class_counts is None else torch.as_tensor(class_counts, dtype=torch.float32)
-        prior = counts.clamp_min(1) / counts.clamp_min(1).sum()
+        counts = torch.zeros(num_classes) if class_counts is None else torch.as_tensor(class_counts,
+                                                                                      dtype=torch.float32)
         scale = tau if kind == "linear_la" else 1.0
-        self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # see HeadOptimal.gather
-        self.register_buffer("logit_offset", scale * prior.log() if kind in ("linear_la", "balanced_softmax")
-                             else torch.zeros(num_classes))
+        self.register_buffer("logit_offset", (scale * log_prior(counts)).float()
+                             if kind in ("linear_la", "balanced_softmax") else torch.zeros(num_classes))
+        self.objective = AdjustedCrossEntropy()
 
-    def forward(self, pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-        """Returns (logits (B, C), loss | None, info) like :class:`protohead.HeadOptimal`."""
-        if labels is None and self.training:
-            raise ValueError("labels are required in training mode (call .eval() for inference)")
+    def score(self, pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None = None
+              ) -> tuple[HeadScores, dict[str, Any]]:
+        """Validate and score: ``(scores, outputs)`` as :meth:`protohead.HeadOptimal.score` (no prototypes)."""
         pooled = check_head_inputs(pool_features, img_features, labels, self.img_feat_dim, self.num_classes,
                                    dtype=self.linear.weight.dtype)
         x = self.norm(pooled)
@@ -56,14 +54,16 @@ class BaselineHead(nn.Module):
             logits = self.log_temperature.exp() * F.linear(F.normalize(x, dim=-1), weight)
         else:
             logits = self.linear(x)
-        probs = logits.softmax(-1)
-        info: dict[str, Any] = {"uncertainty": (1 - probs.amax(-1)).detach()}
+        uncertainty = (1 - logits.softmax(-1).amax(-1)).detach()
+        return HeadScores(logits, state={"logit_offset": self.logit_offset}), {"uncertainty": uncertainty}
+
+    def forward(self, pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """Returns (logits (B, C), loss | None, info) like :class:`protohead.HeadOptimal`."""
+        if labels is None and self.training:
+            raise ValueError("labels are required in training mode (call .eval() for inference)")
+        scores, outputs = self.score(pool_features, img_features, labels)
         if labels is None:
-            info["probabilities"] = probs.detach()
-            return logits, None, info
-        adjusted, labels = logits + self.logit_offset, labels.long()
-        if self.gather is not None:
-            adjusted, labels = self.gather(adjusted), self.gather(labels)
-        loss = F.cross_entropy(adjusted, labels)
-        info.update(ce=loss.detach(), total=loss.detach())
-        return logits, loss, info
+            return scores.logits, None, {**outputs, "probabilities": scores.logits.softmax(-1).detach()}
+        loss, terms = self.objective(scores, labels)
+        return scores.logits, loss, terms

@@ -7,7 +7,6 @@ Composition only: the math lives in :mod:`protohead.similarity`, :mod:`protohead
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from protohead import losses
 from protohead.attention import MixedAttentionBlock
 from protohead.bank import PrototypeBank
 from protohead.config import HeadConfig, preset_config
+from protohead.objective import HeadScores, PrototypeObjective, scalar_terms
 from protohead.similarity import masked_max, prototype_similarity
 from protohead.validation import check_head_inputs
 
@@ -33,8 +33,10 @@ class HeadOptimal(nn.Module):
     ``forward(pool_features (B, N, F), img_features (B, F) | (B, 1, F), labels (B,) | None)`` returns
     ``(logits (B, C), loss | None, info)``:
 
-    - with labels: ``loss`` is the scalar training objective and ``info`` holds every loss component
-      (detached), plus ``uncertainty``;
+    - with labels: ``loss`` is the scalar training objective (``self.objective``, a
+      :class:`~protohead.objective.PrototypeObjective` built from the config) and ``info`` holds every loss
+      component as a detached scalar (so ``{k: v.item() for k, v in info.items()}`` works); per-sample
+      outputs come from :meth:`score`;
     - without labels (inference, eval mode only): ``loss`` is ``None`` and ``info`` holds ``uncertainty``
       (B,), ``probabilities`` (B, C), ``similarities`` (B, C, M) with unused slots at −inf,
       ``attention`` (B, C, M, N) head-averaged cross-attention weights (None without attention),
@@ -71,13 +73,28 @@ class HeadOptimal(nn.Module):
         counts = torch.zeros(config.num_classes) if config.class_counts is None else torch.tensor(
             config.class_counts, dtype=torch.float32)
         self.register_buffer("class_counts", counts)
-        # push records (SPEC §5): training image index, token index and similarity of each prototype's source
-        shape = (config.num_classes, config.max_prototypes)
-        self.register_buffer("push_image", torch.full(shape, -1, dtype=torch.long))
-        self.register_buffer("push_token", torch.full(shape, -1, dtype=torch.long))
-        self.register_buffer("push_similarity", torch.full(shape, float("nan")))
-        # set by the distributed trainer: maps this rank's per-sample tensors to the global batch before the loss
-        self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.objective = PrototypeObjective(config)  # the training loss, built from the config (not state)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in ("push_image", "push_token", "push_similarity"):  # checkpoints from before the bank owned them
+            if prefix + name in state_dict and prefix + "bank." + name not in state_dict:
+                state_dict[prefix + "bank." + name] = state_dict.pop(prefix + name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def push_image(self) -> torch.Tensor:
+        """(C, M) training-image index each prototype was pushed onto (−1: never pushed); see the bank."""
+        return self.bank.push_image
+
+    @property
+    def push_token(self) -> torch.Tensor:
+        """(C, M) token index of each prototype's push source (−1: never pushed)."""
+        return self.bank.push_token
+
+    @property
+    def push_similarity(self) -> torch.Tensor:
+        """(C, M) similarity to the push source when pushed (NaN: never pushed)."""
+        return self.bank.push_similarity
 
     # ----------------------------------------------------------------------------------------- state
     @classmethod
@@ -94,11 +111,8 @@ class HeadOptimal(nn.Module):
         self.class_counts.copy_(counts.to(self.class_counts.device))
 
     def class_weights(self) -> torch.Tensor:
-        """(C,) class weights from the dataset counts: effective number if class-balanced, else 1/√n."""
-        scheme = "effective_number" if self.config.use_class_balanced else "inv_sqrt"
-        if not bool((self.class_counts > 0).any()):
-            scheme = "uniform"  # counts unknown: every class weighs the same
-        return losses.class_weights(self.class_counts, scheme, self.config.cb_beta).to(self.class_counts.device)
+        """(C,) class weights from the dataset counts (see :meth:`PrototypeObjective.class_weights`)."""
+        return self.objective.class_weights(self.class_counts)
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -109,6 +123,10 @@ class HeadOptimal(nn.Module):
         return self.bank.valid
 
     # ---------------------------------------------------------------------------------------- forward
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Backbone features (..., F) → the prototypes' space (..., D) (projection, LayerNorm, dropout)."""
+        return self.proj(features)
+
     def embed(self, pool_features: torch.Tensor, img_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project tokens (B, N, F) and pooled vector (B, F) → ((B, N, D), (B, D))."""
         return self.proj(pool_features), self.proj(img_features)
@@ -157,16 +175,19 @@ class HeadOptimal(nn.Module):
         attention = torch.cat(weights, dim=1) if return_weights else None
         return torch.cat(sims, dim=1), torch.cat(dists, dim=1), attention
 
-    def forward(self, pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-        if labels is None and self.training:
-            raise ValueError("labels are required in training mode (call .eval() for inference); "
-                             "refusing to return a zero loss")
+    def score(self, pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None = None,
+              return_attention: bool = False) -> tuple[HeadScores, dict[str, Any]]:
+        """Validate the inputs and score them: ``(scores, outputs)``.
+
+        ``scores`` (:class:`~protohead.objective.HeadScores`): logits (B, C), distances (B, C, M), abstain logit
+        (B,) and the head state the objective reads. ``outputs``: ``uncertainty`` (B,), ``similarities``
+        (B, C, M) with unused slots at −inf, ``attention`` (B, C, M, N) when ``return_attention`` (else None),
+        ``winning_prototype`` (B, C). ``labels`` are only validated here.
+        """
         img_features = check_head_inputs(pool_features, img_features, labels, self.config.img_feat_dim,
                                          self.config.num_classes, dtype=self.proj[0].weight.dtype)
         tokens, embedding = self.embed(pool_features, img_features)
-        want_attention = labels is None
-        sim, dist, attention = self.prototype_scores(tokens, embedding, return_weights=want_attention)
+        sim, dist, attention = self.prototype_scores(tokens, embedding, return_weights=return_attention)
         valid = self.bank.valid
         best_sim, winner = masked_max(sim, valid)
         temperature = self.temperature
@@ -178,66 +199,24 @@ class HeadOptimal(nn.Module):
             uncertainty = losses.abstention_probability(logits, abstain_logit)
         else:
             uncertainty = 1.0 - logits.softmax(dim=-1).amax(dim=-1)
-        info: dict[str, Any] = {"uncertainty": uncertainty.detach()}
-        if labels is None:
-            info.update(probabilities=logits.softmax(dim=-1).detach(),
-                        similarities=sim.detach().masked_fill(~valid, float("-inf")),
-                        attention=None if attention is None else attention.detach(),
-                        winning_prototype=winner)
-            return logits, None, info
-        labels = labels.long()
-        if self.gather is not None:  # distributed: the loss sees the global batch (see training.distributed)
-            logits, dist, labels = self.gather(logits), self.gather(dist), self.gather(labels)
-            abstain_logit = None if abstain_logit is None else self.gather(abstain_logit)
-        loss, terms = self._objective(logits, abstain_logit, dist, labels, valid)
-        info.update({name: value.detach() for name, value in terms.items()})
-        return logits, loss, info
+        state = {"prototypes": self.bank.prototypes, "valid": valid, "class_counts": self.class_counts,
+                 "temperature": temperature}
+        if self.config.use_uncertainty_weighting:
+            state["log_sigma"] = self.log_sigma
+        outputs = {"uncertainty": uncertainty.detach(), "similarities": sim.detach().masked_fill(~valid, float("-inf")),
+                   "attention": None if attention is None else attention.detach(), "winning_prototype": winner}
+        return HeadScores(logits, dist, abstain_logit, state), outputs
 
-    # ------------------------------------------------------------------------------------------ loss
-    def _objective(self, logits: torch.Tensor, abstain_logit: torch.Tensor | None, dist: torch.Tensor,
-                   labels: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training objective and its components (each a scalar)."""
-        cfg = self.config
-        weights = self.class_weights()
-        ce_weights = weights if cfg.use_class_balanced else None
-        train_logits = logits
-        if cfg.logit_adjustment > 0:  # train on z + τ·log π, predict with z (Menon et al. 2021)
-            prior = self.class_counts.clamp_min(1) / self.class_counts.clamp_min(1).sum()
-            train_logits = logits + cfg.logit_adjustment * prior.log()
-        terms: dict[str, torch.Tensor] = {
-            "ce": losses.cross_entropy_loss(train_logits, labels, ce_weights, cfg.focal_gamma),
-        }
-        classification = terms["ce"] if cfg.use_ce else logits.new_zeros(())
-        if abstain_logit is not None:
-            terms["abstention"], terms["abstention_penalty"] = losses.abstention_loss(
-                train_logits, abstain_logit, labels, cfg.abstention_scale, ce_weights)
-            classification = terms["abstention"]
-        prototypes = self.bank.prototypes
-        weighted_terms = {
-            "cluster": (cfg.clst_scale, lambda: losses.cluster_loss(dist, valid, labels, weights)),
-            "separation": (cfg.sep_scale, lambda: losses.separation_loss(dist, valid, labels, cfg.margin,
-                                                                         cfg.separation_form)),
-            "diversity": (cfg.div_scale, lambda: losses.diversity_loss(prototypes, valid, cfg.div_threshold)),
-            "contrastive": (cfg.contrastive_scale, lambda: losses.contrastive_loss(prototypes, valid,
-                                                                                   cfg.contrastive_pairs)),
-            "orthogonality": (cfg.orth_scale, lambda: losses.orthogonality_loss(prototypes, valid)),
-        }
-        prototype_total = logits.new_zeros(())
-        for name, (scale, term) in weighted_terms.items():
-            if scale != 0:
-                terms[name] = term()
-                prototype_total = prototype_total + scale * terms[name]
-        terms["classification"] = classification
-        terms["prototype"] = prototype_total
-        if cfg.use_uncertainty_weighting and (cfg.use_ce or cfg.use_abstention):
-            total = losses.uncertainty_weighted_total(classification, prototype_total, self.log_sigma)
-            terms["log_sigma_classification"] = self.log_sigma[0]
-            terms["log_sigma_prototype"] = self.log_sigma[1]
-        else:
-            total = classification + prototype_total
-        terms["temperature"] = self.temperature
-        terms["total"] = total
-        return total, terms
+    def forward(self, pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        if labels is None and self.training:
+            raise ValueError("labels are required in training mode (call .eval() for inference); "
+                             "refusing to return a zero loss")
+        scores, outputs = self.score(pool_features, img_features, labels, return_attention=labels is None)
+        if labels is None:
+            return scores.logits, None, {**outputs, "probabilities": scores.logits.softmax(dim=-1).detach()}
+        loss, terms = self.objective(scores, labels)
+        return scores.logits, loss, scalar_terms(terms)
 
 
 class Head(HeadOptimal):

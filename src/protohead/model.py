@@ -28,6 +28,14 @@ class EndToEnd(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.head(*args, **kwargs)
 
+    def score(self, *args: Any, **kwargs: Any) -> Any:
+        """The head's :meth:`score` (features in)."""
+        return self.head.score(*args, **kwargs)
+
+    @property
+    def objective(self) -> Any:
+        return self.head.objective
+
 
 def build_model(config: RunConfig, num_classes: int, feature_dim: int, class_counts: list[int]) -> nn.Module:
     """A head preset (``HeadOptimal``) or a baseline (``BaselineHead``) for these features."""

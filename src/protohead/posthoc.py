@@ -33,11 +33,16 @@ def balanced_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 
 def log_prior(class_counts: np.ndarray | list[int]) -> np.ndarray:
-    """(C,) log training prior; every class must have at least one training sample."""
+    """(C,) log training prior by the one rule of :func:`protohead.objective.log_prior` (a class with no
+    training sample counts as one)."""
+    import torch
+
+    from protohead.objective import log_prior as torch_log_prior
+
     counts = np.asarray(class_counts, dtype=np.float64)
-    if counts.ndim != 1 or (counts <= 0).any():
-        raise ValueError(f"class counts must be positive for a prior shift, got {counts.tolist()}")
-    return np.log(counts / counts.sum())
+    if counts.ndim != 1 or not np.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError(f"class counts must be a (C,) array of finite non-negative counts, got {counts.tolist()}")
+    return torch_log_prior(torch.from_numpy(counts)).numpy()
 
 
 def adjust_probabilities(probabilities: np.ndarray, class_counts: np.ndarray | list[int], tau: float) -> np.ndarray:

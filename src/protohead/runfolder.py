@@ -5,6 +5,7 @@ A run folder is what ``protohead run`` / ``train`` write into ``--out``::
     run.json                  marker: format, status (training / finished / failed / interrupted), error
     config.yaml               the RunConfig
     checkpoints/best.safetensors, checkpoints/last.safetensors
+    log.csv                   one row per epoch: loss, validation accuracy / balanced accuracy, τ, time
     history.json, train_ids.json, timing.json, metrics.json, report.md, *.png, predictions_<split>.npz
     prototypes/               each pushed prototype's source image + index.json (explanations need no data)
     eval-<split>/, explain/   written later by ``evaluate`` and ``explain``
@@ -46,6 +47,7 @@ LAST_CHECKPOINT = f"{CHECKPOINT_DIR}/last.safetensors"
 HISTORY_FILE = "history.json"
 TRAIN_IDS_FILE = "train_ids.json"
 TIMING_FILE = "timing.json"
+LOG_FILE = "log.csv"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 EXPLAIN_DIR = "explain"
@@ -54,7 +56,8 @@ MARKER_FORMAT = "protohead-run"
 PLOT_FILES = ("confusion_matrix.png", "reliability.png", "risk_coverage.png")
 EVALUATION_FILES = (METRICS_FILE, *PLOT_FILES, "predictions_*.npz")
 OWN_PATTERNS: tuple[str, ...] = (
-    MARKER_FILE, LOCK_FILE, CONFIG_FILE, HISTORY_FILE, TRAIN_IDS_FILE, TIMING_FILE, REPORT_FILE, "cell.json",
+    MARKER_FILE, LOCK_FILE, CONFIG_FILE, HISTORY_FILE, TRAIN_IDS_FILE, TIMING_FILE, REPORT_FILE, LOG_FILE,
+    "cell.json",
     *EVALUATION_FILES,
     f"{CHECKPOINT_DIR}/*.safetensors",
     *(f"eval-*/{name}" for name in EVALUATION_FILES),

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NEG_INF = float("-inf")
+from protohead.losses.masked import masked_max, masked_min
+
+__all__ = ["masked_max", "masked_min", "prototype_similarity"]
 
 
 def prototype_similarity(embedding: torch.Tensor, prototypes: torch.Tensor,
@@ -60,21 +62,3 @@ def _shared_similarity(embedding: torch.Tensor, prototypes: torch.Tensor, distan
             return -dist, dist
         return torch.log((dist + 1.0) / (dist + 1e-4)), dist
     raise ValueError(f"unknown distance {distance!r}; choose cosine, l2 or log_activation")
-
-
-def masked_max(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max over the last axis among valid entries.
-
-    Args:
-        values: (..., C, M).
-        valid: (C, M) bool; every row must hold at least one True.
-
-    Returns:
-        (max, argmax), each (..., C). Invalid entries take no part and receive exactly zero gradient.
-    """
-    return values.masked_fill(~valid, NEG_INF).max(dim=-1)
-
-
-def masked_min(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Min over the last axis among valid entries: (..., C, M) with (C, M) mask → (..., C)."""
-    return values.masked_fill(~valid, float("inf")).amin(dim=-1)

@@ -167,7 +167,7 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
                            data.splits["train"].labels, names)
     with torch.no_grad():
         purities = purity(head.bank.prototypes.detach(), valid, _train_batches(data.splits["train"], batch_size), k=k,
-                          distance=head.config.distance, project=head.proj, class_names=names)
+                          distance=head.config.distance, project=head.project, class_names=names)
     val_split = data.splits["val"]
     val = _outputs(model, val_split, range(val_split.size), batch_size, keep_maps=False,
                    class_counts=data.class_counts, tau=tau)

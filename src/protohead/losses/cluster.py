@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from protohead.similarity import masked_min
+from protohead.losses.masked import masked_min
 
 
 def cluster_loss(distances: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from protohead import runfolder
 from protohead.atomic import write_text_atomic
 from protohead.head import HeadOptimal
 from protohead.model import head_of
+from protohead.objective import scalar_terms
 from protohead.posthoc import adjust_probabilities, balanced_accuracy, choose_prior_shift
 from protohead.runconfig import RunConfig
 from protohead.training import distributed
@@ -102,10 +106,11 @@ class Trainer:
         self.metadata = dict(metadata or {})
         inner = head_of(model)
         self.head = inner if isinstance(inner, HeadOptimal) else None
-        inner.gather = distributed.sample_gather()
+        self.gather = distributed.sample_gather()  # per-sample scores of every rank, before the objective
         self.train_split = train
         self.val_split = val
-        self.checkpoints = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
+        self.checkpoints = self.run_dir / runfolder.CHECKPOINT_DIR
         extra_ids = {id(p) for p in extra_parameters or []}
         own = [p for p in model.parameters() if p.requires_grad and id(p) not in extra_ids]
         groups = [{"params": own, "lr": config.lr}]
@@ -122,11 +127,16 @@ class Trainer:
 
     @property
     def last_path(self) -> Path:
-        return self.checkpoints / "last.safetensors"
+        return self.run_dir / runfolder.LAST_CHECKPOINT
+
+    @property
+    def log_path(self) -> Path:
+        """``log.csv`` beside the checkpoints: one row per epoch (see :func:`history_csv`)."""
+        return self.run_dir / runfolder.LOG_FILE
 
     @property
     def best_path(self) -> Path:
-        return self.checkpoints / "best.safetensors"
+        return self.run_dir / runfolder.BEST_CHECKPOINT
 
     def resume(self) -> bool:
         """Continue from ``last.safetensors`` if present; returns whether a checkpoint was loaded."""
@@ -165,7 +175,10 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, total_steps, warmup)
             tokens, pooled, labels = self.train_split.fetch(distributed.shard(indices), True)
-            _, loss, info = model(tokens, pooled, labels)
+            scores, _ = model.score(tokens, pooled, labels)
+            global_labels = labels if self.gather is None else self.gather(labels)
+            loss, terms = model.objective(scores.gathered(self.gather), global_labels)
+            info = scalar_terms(terms)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(self.parameters)
@@ -210,6 +223,7 @@ class Trainer:
 
         for epoch in tqdm(range(self.start_epoch, config.epochs), desc="training", disable=not config.progress,
                           initial=self.start_epoch, total=config.epochs):
+            started = time.perf_counter()
             record: dict[str, Any] = {"epoch": epoch, **self.train_epoch(epoch)}
             distributed.broadcast_buffers(self.model)  # per-shard BatchNorm statistics → rank 0's everywhere
             if self.head is not None:
@@ -222,7 +236,12 @@ class Trainer:
                     record["expanded"] = added
                 record["prototype_counts"] = self.head.bank.counts.tolist()
             record.update(self.validate())
+            record["seconds"] = time.perf_counter() - started
             self.history.append(record)
+            if distributed.is_main():
+                write_text_atomic(self.log_path, history_csv(self.history))
+                if config.progress:
+                    tqdm.write(epoch_line(record, config.epochs), file=sys.stderr)
             improved = record["val_balanced_accuracy"] > self.best["val_balanced_accuracy"]
             if improved:
                 self.best = {"epoch": epoch, "val_balanced_accuracy": record["val_balanced_accuracy"],
@@ -238,6 +257,30 @@ class Trainer:
         if world > 1 and rank > 0:  # for verification: every other rank's final state beside rank 0's
             save_checkpoint(self.checkpoints / f"last.rank{rank}.safetensors", self.model)
         return {"history": self.history, "best": self.best}
+
+
+LOG_COLUMNS = ("epoch", "loss/total", "val_accuracy", "val_balanced_accuracy", "posthoc_tau",
+               "val_accuracy_raw", "val_balanced_accuracy_raw", "max/grad_norm", "seconds")
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    """The training history as CSV text: one row per epoch (1-based), the columns of :data:`LOG_COLUMNS`."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(LOG_COLUMNS)
+    for record in history:
+        writer.writerow([record["epoch"] + 1 if name == "epoch" else record.get(name, "") for name in LOG_COLUMNS])
+    return out.getvalue()
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One console line per epoch: loss, validation accuracy / balanced accuracy (after τ), τ, time."""
+    return (f"epoch {record['epoch'] + 1}/{epochs}  loss {record.get('loss/total', float('nan')):.4f}  "
+            f"val acc {record['val_accuracy']:.4f}  val bal acc {record['val_balanced_accuracy']:.4f}  "
+            f"tau {record['posthoc_tau']:g}  {record['seconds']:.1f} s")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -2,7 +2,7 @@
 
 - push: each valid prototype moves by EMA toward its nearest projected training patch token of its own
   class (nearest under the head's own similarity); the source (image index, token index, similarity) is
-  recorded in the head's ``push_*`` buffers.
+  recorded in the bank's ``push_*`` buffers.
 - expansion: a class whose training samples are poorly covered (their best own-class similarity is below
   their best other-class similarity) gets one new prototype, placed at the mean projected embedding of
   those samples, while it has free slots; AdamW state of the new slot is reset.
@@ -41,7 +41,7 @@ def find_push_targets(head: HeadOptimal, batches: Batches) -> tuple[torch.Tensor
     was_training = head.training
     head.eval()
     for indices, tokens, _, labels in batches():
-        projected = head.proj(tokens)  # (B, N, D)
+        projected = head.project(tokens)  # (B, N, D)
         batch, num_tokens, _ = projected.shape
         flat = projected.reshape(batch * num_tokens, dim)
         sim, _ = prototype_similarity(flat, bank.prototypes, head.config.distance)  # (B·N, C, M)
@@ -81,10 +81,8 @@ def push_prototypes(head: HeadOptimal, batches: Batches) -> int:
     for c, k in valid.nonzero().tolist():
         if image[c, k] < 0:
             continue
-        head.bank.ema_update(c, k, vector[c, k], head.config.momentum)
-        head.push_image[c, k] = image[c, k]
-        head.push_token[c, k] = token[c, k]
-        head.push_similarity[c, k] = sim[c, k]
+        head.bank.push(c, k, vector[c, k], head.config.momentum, int(image[c, k]), int(token[c, k]),
+                       float(sim[c, k]))
         pushed += 1
     return pushed
 
