@@ -6,7 +6,7 @@ import json
 import math
 
 from protohead.cli.main import main as cli
-from protohead.compare import beyond_noise, columns, goal_line, verdict
+from protohead.compare import beyond_noise, columns, goal_line, tail_classes, verdict
 
 SMALL = ["subset_per_class=8", "epochs=1", "head.emb_dim=32", "head.num_heads=4", "batch_size=16", "progress=false"]
 
@@ -22,7 +22,8 @@ def test_quick_comparison_end_to_end_and_resumable(ham10000_root, feature_cache,
         for key in ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall", "ece", "aurc", "train_s"):
             assert math.isfinite(row[key]["mean"]), (name, key)
     table = (out / "comparison.md").read_text()
-    assert all(f" {name} " in table for name in columns()) and "held" in table
+    assert all(f" {name} " in table for name in columns())
+    assert "not answered (one seed" in table and "tail recall (" in table  # one seed: no verdicts
     assert len(summary["claims"]) == 8 and summary["claims"][0].startswith("Goal")
     for plot in ("balanced_accuracy.png", "per_class_recall.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -42,7 +43,7 @@ def test_unknown_column_is_a_clear_error(ham10000_root, tmp_path, capsys):
 def test_claim_verdicts_respect_seed_noise():
     assert beyond_noise((0.60, 0.01, 3), (0.50, 0.01, 3))
     assert not beyond_noise((0.52, 0.05, 3), (0.50, 0.05, 3))  # 0.02 < 2·√(2·0.05²/3) ≈ 0.082
-    assert beyond_noise((0.501, 0.0, 1), (0.500, 0.0, 1))  # one seed: no noise estimate, the sign decides
+    assert verdict(True, (0.9, 0.0, 1), (0.1, 0.0, 1)).startswith("not answered")  # one seed: never a verdict
     assert verdict(True, (0.6, 0.01, 3), (0.5, 0.01, 3)) == "held"
     assert verdict(False, (0.6, 0.01, 3), (0.5, 0.01, 3)) == "did not hold"
     assert verdict(True, (0.52, 0.05, 3), (0.50, 0.05, 3)).startswith("within seed noise")
@@ -59,3 +60,9 @@ def test_goal_line_compares_the_best_head_with_every_baseline():
     summary["columns"]["long_tail"] = row(0.70, 0.60)
     line = goal_line(summary)
     assert "met" in line and "not met" not in line and "`basic`" in line and "`linear_la`" in line
+
+
+def test_tail_classes_come_from_the_training_counts():
+    names = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+    assert tail_classes(names, [228, 359, 769, 80, 779, 4693, 99]) == ("df", "vasc", "akiec")
+    assert tail_classes(("a", "b"), [5, 1]) == ("b",)
