@@ -238,8 +238,6 @@ def test_medmnist_respects_the_limit(tmp_path: Path) -> None:
     ("expand_min_fraction=0", "expand_min_fraction"),
     ("expand_min_fraction=1.5", "expand_min_fraction"),
     ("expand_min_fraction=nan", "expand_min_fraction"),
-    ("logit_adjustment_tau=-1", "logit_adjustment_tau"),
-    ("logit_adjustment_tau=nan", "logit_adjustment_tau"),
     ("lr=inf", "lr"),
     ("lr=nan", "lr"),
     ("lr=.inf", "lr"),
@@ -263,7 +261,7 @@ def test_bad_values_are_refused_at_config_time_naming_the_key(override: str, key
 def test_edge_values_are_accepted_and_old_messages_kept() -> None:
     config = load_run_config(None, ["subset_per_class=1", "eval_batch_size=1", "push_every=0", "expand_every=0",
                                     "warmup_epochs=0", "weight_decay=0", "expand_min_fraction=1",
-                                    "logit_adjustment_tau=0", "posthoc_tau=0", "finetune_image_size=32",
+                                    "head.logit_adjustment=0", "posthoc_tau=0", "finetune_image_size=32",
                                     "max_image_pixels=1"])
     assert config.subset_per_class == 1 and config.max_image_pixels == 1
     assert RunConfig().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
@@ -431,3 +429,19 @@ def test_signed_checkpoint_loads_without_warning(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         assert read_checkpoint(path, require_checksum=True)[1]["user"] == {"epoch": 2}
         assert load_checkpoint(path, torch.nn.Linear(4, 3)) == {"epoch": 2}
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_bad_logit_adjustment_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="logit_adjustment must be finite and >= 0"):
+        load_run_config(None, [f"head.logit_adjustment={value}"])
+
+
+def test_legacy_keys_are_read_under_their_one_name() -> None:
+    """``model`` is now ``preset``; ``logit_adjustment_tau`` (linear_la's τ) is ``head.logit_adjustment``."""
+    config = RunConfig.from_dict({"model": "linear_la", "logit_adjustment_tau": 0.5})
+    assert config.preset == "linear_la" and config.head == {"logit_adjustment": 0.5}
+    config = RunConfig.from_dict({"model": "basic", "logit_adjustment_tau": 1.0})  # it never acted on a head
+    assert config.preset == "basic" and config.head == {}
+    with pytest.raises(ValueError, match="give the preset once"):
+        RunConfig.from_dict({"model": "basic", "preset": "basic"})

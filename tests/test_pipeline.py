@@ -45,7 +45,7 @@ def test_short_run_beats_chance_and_writes_every_output(ham10000_root, feature_c
 
 @pytest.mark.parametrize("model", ["linear_la", "uncertainty"])
 def test_baseline_and_abstention_runs(ham10000_root, feature_cache, tmp_path, model):
-    metrics = run(config(ham10000_root, feature_cache, "epochs=3", model=model), tmp_path / "run")
+    metrics = run(config(ham10000_root, feature_cache, "epochs=3", preset=model), tmp_path / "run")
     assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and metrics["uncertainty_source"] == "given"
 
 
@@ -75,7 +75,7 @@ def test_resume_continues_to_the_same_result(ham10000_root, feature_cache, tmp_p
 
 
 def test_checkpoint_corruption_is_reported(ham10000_root, feature_cache, tmp_path):
-    run(config(ham10000_root, feature_cache, "epochs=1", model="linear"), tmp_path / "run")
+    run(config(ham10000_root, feature_cache, "epochs=1", preset="linear"), tmp_path / "run")
     path = tmp_path / "run" / "checkpoints" / "last.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -102,7 +102,7 @@ def test_existing_run_directory_is_refused(ham10000_root, feature_cache, tmp_pat
     (["nope=1"], "unknown config key"),
     (["head.num_protos=3"], "unknown head option"),
     (["split=sideways"], "expects one of"),
-    (["--preset", "not_a_preset", "epochs=1"], "unknown model"),
+    (["--preset", "not_a_preset", "epochs=1"], "unknown preset"),
 ])
 def test_config_errors_are_one_line_exit_2(ham10000_root, tmp_path, capsys, args, message):
     cache = tmp_path / "cache"

@@ -149,7 +149,7 @@ def test_resume_refuses_a_changed_config_and_keeps_the_stored_one(tmp_path, caps
     argv = train_argv(data, out, tmp_path)
     assert cli(argv) == 0
     stored = (out / "config.yaml").read_bytes()
-    for change, key in ((["head.emb_dim=32"], "head.emb_dim"), (["--preset", "head_v1"], "model"),
+    for change, key in ((["head.emb_dim=32"], "head.emb_dim"), (["--preset", "head_v1"], "preset"),
                         (["lr=0.5"], "lr")):
         capsys.readouterr()
         one_line_exit_2(capsys, [*argv, "--resume", *change], "--resume refused", key)

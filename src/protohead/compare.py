@@ -60,7 +60,7 @@ def cell_config(base: RunConfig, column: str, seed: int) -> RunConfig:
         model, overrides = POSTHOC_BASELINES[column], {}
     else:
         raise ValueError(f"unknown comparison column {column!r}; choose from {', '.join(columns())}")
-    data = {**base.to_dict(), **run_overrides, "model": model, "seed": seed, "head": {**base.head, **overrides}}
+    data = {**base.to_dict(), **run_overrides, "preset": model, "seed": seed, "head": {**base.head, **overrides}}
     return RunConfig.from_dict(data)
 
 

@@ -7,6 +7,7 @@ set of overrides. ``PRESET_DESCRIPTIONS`` says in one line what each preset turn
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -97,12 +98,12 @@ class HeadConfig:
             raise ValueError(f"cb_beta must be in (0, 1), got {self.cb_beta}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if self.logit_adjustment < 0:
-            raise ValueError(f"logit_adjustment must be >= 0, got {self.logit_adjustment}")
-        if self.focal_gamma < 0:
-            raise ValueError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be positive and finite, got {self.temperature}")
+        if not 0 <= self.logit_adjustment < math.inf:
+            raise ValueError(f"logit_adjustment must be finite and >= 0, got {self.logit_adjustment}")
+        if not 0 <= self.focal_gamma < math.inf:
+            raise ValueError(f"focal_gamma must be finite and >= 0, got {self.focal_gamma}")
         if self.class_counts is not None:
             if len(self.class_counts) != self.num_classes:
                 raise ValueError(f"class_counts has {len(self.class_counts)} entries, "

@@ -39,9 +39,10 @@ class EndToEnd(nn.Module):
 
 def build_model(config: RunConfig, num_classes: int, feature_dim: int, class_counts: list[int]) -> nn.Module:
     """A head preset (``HeadOptimal``) or a baseline (``BaselineHead``) for these features."""
-    if config.model in BASELINES:
-        return BaselineHead(config.model, num_classes, feature_dim, class_counts, config.logit_adjustment_tau)
-    return HeadOptimal(preset=config.model, **{"num_classes": num_classes, "img_feat_dim": feature_dim,
+    if config.preset in BASELINES:  # linear_la's τ is head.logit_adjustment, as for the head presets (default 1)
+        return BaselineHead(config.preset, num_classes, feature_dim, class_counts,
+                            float(config.head.get("logit_adjustment", 1.0)))
+    return HeadOptimal(preset=config.preset, **{"num_classes": num_classes, "img_feat_dim": feature_dim,
                                                "class_counts": tuple(class_counts), **config.head})
 
 

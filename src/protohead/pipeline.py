@@ -250,7 +250,7 @@ def write_report(run_dir: Path, config: RunConfig, metrics: dict[str, Any], resu
     """A short markdown summary next to the metrics and plots."""
     recall = metrics["per_class_recall"]
     lines = [
-        f"# protohead run: {config.model} on {Path(config.data).name} ({config.split} split, seed {config.seed})",
+        f"# protohead run: {config.preset} on {Path(config.data).name} ({config.split} split, seed {config.seed})",
         "",
         f"Selected epoch {result['best']['epoch'] + 1} of {config.epochs} by validation balanced accuracy "
         f"({result['best']['val_balanced_accuracy']:.4f}), post-hoc logit adjustment τ = "

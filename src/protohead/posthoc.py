@@ -1,4 +1,4 @@
-"""Post-hoc logit adjustment (Menon et al. 2021), its strength τ chosen on the validation split. Pure numpy.
+"""Post-hoc logit adjustment (Menon et al. 2021), its strength τ chosen on the validation split. numpy (+ scikit-learn).
 
 A classifier trained on long-tailed data under-predicts the rare classes. Dividing its probabilities by
 the training prior to the power τ — softmax(log p − τ·log π) — moves the decision boundaries towards the
@@ -26,10 +26,13 @@ class PriorShift:
 
 
 def balanced_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in ``labels``: (n, C) scores, (n,) labels."""
-    predicted = probabilities.argmax(1)
-    recalls = [float((predicted[labels == c] == c).mean()) for c in np.unique(labels)]
-    return float(np.mean(recalls))
+    """Mean per-class recall over the classes present in ``labels``: (n, C) scores, (n,) labels.
+
+    scikit-learn's ``balanced_accuracy_score`` on the arg-max, the one implementation the metrics use too.
+    """
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(labels, np.asarray(probabilities).argmax(1)))
 
 
 def log_prior(class_counts: np.ndarray | list[int]) -> np.ndarray:

@@ -221,7 +221,7 @@ class RunPredictor:
         from protohead.explain.gallery import grid_shape, safe_name
 
         if not hasattr(self.head, "bank"):
-            raise ValueError(f"run {self.loaded.run_dir} uses {self.loaded.config.model!r}, which has no prototypes "
+            raise ValueError(f"run {self.loaded.run_dir} uses {self.loaded.config.preset!r}, which has no prototypes "
                              "to explain")
         if self._sources is None:
             self._sources = {key: SourcePatch(record["image"], record["image_id"], record["token"])

@@ -28,7 +28,7 @@ class RunConfig:
     data: str = str(DEFAULT_DATA)
     split: Literal["official", "lesion"] = "official"
     seed: int = 0
-    model: str = "basic"  # a head preset, or a baseline: linear, linear_la, balanced_softmax, cosine
+    preset: str = "basic"  # a head preset, or a baseline: linear, linear_la, balanced_softmax, cosine
     head: dict[str, Any] = field(default_factory=dict)
     backbone: str = "efficientnet_lite0"
     image_size: int = 224
@@ -45,7 +45,6 @@ class RunConfig:
     finetune: bool = False  # train the backbone end to end (no feature cache)
     backbone_lr: float = 1e-4
     finetune_image_size: int = 160
-    logit_adjustment_tau: float = 1.0
     posthoc_tau: float | Literal["auto"] = "auto"  # post-hoc logit adjustment at prediction; "auto": chosen on val
     posthoc_accuracy_tolerance: float = 0.01  # "auto": val accuracy one may give up for val balanced accuracy
     eval_batch_size: int = 256
@@ -53,7 +52,7 @@ class RunConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # refuse images whose header claims more (width × height)
 
     def __post_init__(self) -> None:
-        """Check types, then every value against its range (:data:`VALUE_RULES`), then model and head.
+        """Check types, then every value against its range (:data:`VALUE_RULES`), then preset and head.
 
         Each failure is a ``ValueError`` naming the key and its value: no bad count, size or rate reaches
         training (``subset_per_class=0``, ``eval_batch_size=0``, ``lr=nan`` or ``lr=inf`` fail here).
@@ -63,12 +62,12 @@ class RunConfig:
             value = getattr(self, key)
             if not valid(value):
                 raise ValueError(f"config key {key!r} = {value!r} is invalid: {rule}")
-        if self.model not in PRESETS and self.model not in BASELINES:
-            raise ValueError(f"unknown model {self.model!r}; choose a preset ({', '.join(sorted(PRESETS))}) "
+        if self.preset not in PRESETS and self.preset not in BASELINES:
+            raise ValueError(f"unknown preset {self.preset!r}; choose a head preset ({', '.join(sorted(PRESETS))}) "
                              f"or a baseline ({', '.join(BASELINES)})")
         head = {k: v for k, v in self.head.items() if k != "class_counts"}
-        if self.model in PRESETS:  # validates keys and values against the preset, before any data is read
-            preset_config(self.model, **head)
+        if self.preset in PRESETS:  # validates keys and values against the preset, before any data is read
+            preset_config(self.preset, **head)
         else:
             HeadConfig().replace(**head)
 
@@ -86,6 +85,7 @@ class RunConfig:
         if not isinstance(data, dict):
             what = "nothing (an empty file?)" if data is None else f"a {type(data).__name__}"
             raise ValueError(f"{where}a run config must be a mapping of keys to values, got {what}")
+        data = upgrade_legacy_keys(data, where)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(key) for key in data if key not in names)
         if unknown:
@@ -95,6 +95,22 @@ class RunConfig:
             return cls(**data)
         except ValueError as error:
             raise ValueError(f"{where}{error}") from None
+
+
+def upgrade_legacy_keys(data: dict[Any, Any], where: str = "") -> dict[Any, Any]:
+    """Configs written before one name per thing: ``model`` is now ``preset``; ``logit_adjustment_tau`` (the
+    τ of the ``linear_la`` baseline) is now ``head.logit_adjustment``, the key head presets already used."""
+    data = dict(data)
+    if "model" in data:
+        if "preset" in data:
+            raise ValueError(f"{where}give the preset once: 'preset' (formerly 'model'), not both")
+        data["preset"] = data.pop("model")
+    if "logit_adjustment_tau" in data:
+        tau = data.pop("logit_adjustment_tau")
+        if data.get("preset") == "linear_la":  # no other model read it
+            head = data["head"] = dict(data.get("head") or {})
+            head.setdefault("logit_adjustment", tau)
+    return data
 
 
 def _finite(value: float) -> bool:
@@ -116,7 +132,6 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "push_every": (lambda v: v >= 0, "push_every must be ≥ 0 (0 disables push)"),
     "expand_every": (lambda v: v >= 0, "expand_every must be ≥ 0 (0 disables expansion)"),
     "expand_min_fraction": (lambda v: 0 < v <= 1, "expand_min_fraction must be in (0, 1]"),
-    "logit_adjustment_tau": (lambda v: _finite(v) and v >= 0, "logit_adjustment_tau must be finite and ≥ 0"),
     "posthoc_tau": (lambda v: v == "auto" or (_finite(v) and v >= 0), "posthoc_tau must be 'auto' or finite and ≥ 0"),
     "posthoc_accuracy_tolerance": (lambda v: 0 <= v <= 1, "posthoc_accuracy_tolerance must be in [0, 1]"),
     "max_image_pixels": (lambda v: v >= 1, "max_image_pixels must be ≥ 1 (width × height of the largest image)"),

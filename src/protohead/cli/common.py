@@ -14,7 +14,7 @@ from protohead.runconfig import RunConfig, load_run_config
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="dataset: HAM10000 folder, MedMNIST .npz or class folders "
                                        "(default: ../shared/data/ham10000 beside the repository)")
-    parser.add_argument("--preset", "--model", dest="model",
+    parser.add_argument("--preset", "--model", dest="preset",
                         help="head preset (basic, long_tail, uncertainty, protopnet, ...) or baseline "
                              "(linear, linear_la, balanced_softmax, cosine)")
     parser.add_argument("--config", type=Path, help="YAML config file")
@@ -39,7 +39,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run config from the arguments. With ``--resume`` on an existing run, its stored config is the base,
     so ``--resume`` alone continues the run and only the settings given on the command line can differ."""
     def load(base: dict | None = None) -> RunConfig:
-        return load_run_config(args.config, args.overrides, base=base, data=args.data, model=args.model,
+        return load_run_config(args.config, args.overrides, base=base, data=args.data, preset=args.preset,
                                split=args.split, seed=args.seed)
 
     config = load()
@@ -51,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def default_run_dir(config: RunConfig) -> Path:
-    return Path("runs") / f"{config.model}-{config.split}-seed{config.seed}"
+    return Path("runs") / f"{config.preset}-{config.split}-seed{config.seed}"
 
 
 def guarded(verb: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

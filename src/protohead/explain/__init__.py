@@ -136,15 +136,15 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    if config.model in BASELINES:
-        raise ValueError(f"run {run_dir} uses the baseline {config.model!r}, which has no prototypes to explain")
+    if config.preset in BASELINES:
+        raise ValueError(f"run {run_dir} uses the baseline {config.preset!r}, which has no prototypes to explain")
     dataset = load_data(config)  # images, and the test ids to check --images against before the slow part
     chosen_ids = list(dict.fromkeys(image_ids)) if image_ids else None
     chosen = resolve_image_ids(dataset.splits["test"].ids, chosen_ids) if chosen_ids else None
     data, model, tau = load_model(run_dir, config)
     head = getattr(model, "head", model)
     if not isinstance(head, HeadOptimal):
-        raise ValueError(f"run {run_dir} uses {config.model!r}, which has no prototypes to explain")
+        raise ValueError(f"run {run_dir} uses {config.preset!r}, which has no prototypes to explain")
     train_ids_path = run_dir / "train_ids.json"
     if train_ids_path.is_file() and tuple(json.loads(train_ids_path.read_text())) != tuple(data.ids["train"]):
         raise ValueError(f"the training split of {run_dir} no longer matches train_ids.json (data changed?); "
@@ -226,14 +226,14 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     history_path = run_dir / "history.json"
     best = json.loads(history_path.read_text()).get("best", {}) if history_path.is_file() else {}
-    summary = {"run directory": str(run_dir.resolve()), "model": config.model, "data": Path(config.data).name,
+    summary = {"run directory": str(run_dir.resolve()), "preset": config.preset, "data": Path(config.data).name,
                "split": config.split, "seed": config.seed, "backbone": f"{config.backbone} @ {image_size} px",
                "token grid": f"{grid[0]}×{grid[1]}",
                "selected epoch": (best.get("epoch", -1) + 1) if best else "n/a",
                "val balanced accuracy": best.get("val_balanced_accuracy", "n/a"),
                "valid prototypes": int(valid.sum())}
     plots = [(run_dir / name, caption) for name, caption in RUN_PLOTS if (run_dir / name).is_file()]
-    text = render_report(f"protohead explain: {config.model} on {Path(config.data).name}", summary, metrics, plots,
+    text = render_report(f"protohead explain: {config.preset} on {Path(config.data).name}", summary, metrics, plots,
                          list(result.galleries.items()), list(result.explanations.items()), diagnostics)
     write_html(result.report, text)
     return result
