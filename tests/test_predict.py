@@ -18,7 +18,7 @@ from protohead import runfolder
 from protohead.cli.main import main as cli
 from protohead.head import HeadOptimal
 from protohead.pipeline import load_data, run
-from protohead.predict import load_run
+from protohead.predict import load_run, read_image
 from protohead.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 
 
@@ -57,7 +57,7 @@ def test_checkpoint_describes_the_run(ham_run):
     described = meta["user"]["run"]
     assert described["class_names"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert described["feature_dim"] == 1280 and described["backbone"]["name"] == "efficientnet_lite0"
-    assert described["config"]["model"] == "basic" and sum(described["class_counts"]) > 0
+    assert described["config"]["preset"] == "basic" and sum(described["class_counts"]) > 0
     assert meta["user"]["signature"]["config"]["num_classes"] == 7
     sources = runfolder.read_prototype_sources(out)
     head = runfolder.load_model(out).model
@@ -136,3 +136,26 @@ def test_a_checkpoint_refuses_a_head_of_another_configuration(tmp_path):
     load_checkpoint(path, twin)
     for key, value in basic.state_dict().items():
         torch.testing.assert_close(twin.state_dict()[key], value, equal_nan=True)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_cli_matches_predict(tmp_path, capsys, fmt):
+    from protohead.export import read_export_metadata, run_exported
+
+    data = split_layout(tmp_path / "data", {"train": {"a": 3, "b": 3}, "val": FULL, "test": FULL})
+    out = tmp_path / "run"
+    assert cli(["train", "--data", str(data), "--out", str(out), f"cache_dir={tmp_path / 'cache'}", *TINY,
+                "epochs=2", "posthoc_tau=0.5"]) == 0
+    assert cli(["export", str(out), "--format", fmt]) == 0
+    exported = out / "export" / ("model.onnx" if fmt == "onnx" else "model.pt")
+    assert str(exported) in capsys.readouterr().out
+    meta = read_export_metadata(exported)
+    assert meta["class_names"] == ["a", "b"] and meta["posthoc_tau"] == 0.5
+    predictor = load_run(out)
+    paths = sorted((data / "test").rglob("*.png"))
+    images = predictor.backbone.preprocess([read_image(p) for p in paths]).numpy()
+    logits = run_exported(exported, images)
+    probs = torch.as_tensor(logits).double().softmax(-1).numpy()  # the shift τ·log π is inside the export
+    expected = np.array([[p.probabilities[c] for c in ("a", "b")] for p in predictor.predict(paths)])
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+    assert runfolder.own_file(exported.relative_to(out).as_posix())

@@ -8,7 +8,7 @@ A run folder is what ``protohead run`` / ``train`` write into ``--out``::
     log.csv                   one row per epoch: loss, validation accuracy / balanced accuracy, τ, time
     history.json, train_ids.json, timing.json, metrics.json, report.md, *.png, predictions_<split>.npz
     prototypes/               each pushed prototype's source image + index.json (explanations need no data)
-    eval-<split>/, explain/   written later by ``evaluate`` and ``explain``
+    eval-<split>/, explain/   written later by ``evaluate`` and ``explain``; export/ by ``export``
 
 Safety rules (nothing that protohead did not write is ever removed):
 
@@ -51,6 +51,7 @@ LOG_FILE = "log.csv"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 EXPLAIN_DIR = "explain"
+EXPORT_DIR = "export"
 MARKER_FORMAT = "protohead-run"
 
 PLOT_FILES = ("confusion_matrix.png", "reliability.png", "risk_coverage.png")
@@ -62,7 +63,7 @@ OWN_PATTERNS: tuple[str, ...] = (
     f"{CHECKPOINT_DIR}/*.safetensors",
     *(f"eval-*/{name}" for name in EVALUATION_FILES),
     f"{EXPLAIN_DIR}/*.png", f"{EXPLAIN_DIR}/*.json", f"{EXPLAIN_DIR}/*.html",
-    "prototypes/source_*.png", "prototypes/index.json",
+    "prototypes/source_*.png", "prototypes/index.json", f"{EXPORT_DIR}/model.onnx", f"{EXPORT_DIR}/model.pt",
 )
 """Relative paths (fnmatch patterns, ``/``-separated) of every file protohead writes into a run folder."""
 

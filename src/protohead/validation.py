@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 MAX_ABS_FEATURE = 1e8
@@ -35,6 +37,11 @@ def check_head_inputs(pool_features: torch.Tensor, img_features: torch.Tensor, l
     Values: NaN / Inf anywhere, or a magnitude above :data:`MAX_ABS_FEATURE`, is a ``ValueError``;
     so is an empty batch (B = 0) or no tokens (N = 0), mismatched F or B, and labels of the wrong
     type, shape or range. One host synchronisation covers all value checks.
+
+    While the head is being traced or exported (``torch.jit.trace``, ``torch.onnx.export``,
+    ``torch.export`` / ``torch.compile``; see :func:`is_tracing`) the value checks are skipped: they
+    need the values on the host (a data-dependent branch that cannot be recorded in a graph). The
+    type, rank, size and dtype checks still run, on the example inputs; eager calls are unchanged.
     """
     expected = torch.get_default_dtype() if dtype is None else dtype
     for name, tensor in (("pool_features", pool_features), ("img_features", img_features)):
@@ -70,6 +77,8 @@ def check_head_inputs(pool_features: torch.Tensor, img_features: torch.Tensor, l
                              f"{getattr(labels, 'dtype', type(labels).__name__)}")
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+    if is_tracing(pool_features, img_features):
+        return img_features
     with torch.no_grad():
         # one pass per tensor: the largest |value| is NaN if any value is NaN, inf if any is ±inf
         largest = [torch.linalg.vector_norm(t, ord=float("inf")) for t in (pool_features, img_features)]
@@ -97,3 +106,28 @@ def _autocast_enabled(tensor: torch.Tensor) -> bool:
         return bool(torch.is_autocast_enabled(tensor.device.type))
     except TypeError:  # torch < 2.4: no device argument
         return bool(torch.is_autocast_enabled())
+
+
+def is_tracing(*tensors: torch.Tensor) -> bool:
+    """True while a graph is being recorded rather than run eagerly, so values are not available on the host.
+
+    Covers ``torch.jit.trace`` / scripting, the ONNX exporters (``torch.onnx.export``, legacy and dynamo),
+    ``torch.export`` and ``torch.compile`` (``torch.compiler.is_compiling`` / ``is_exporting``,
+    ``torch._dynamo.is_compiling``), and any of ``tensors`` being a fake tensor (shape-only tracing, e.g.
+    non-strict ``torch.export``). A module not yet imported cannot be tracing, so this never imports one
+    (importing ``torch._dynamo`` alone takes over a second).
+    """
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    onnx = sys.modules.get("torch.onnx")
+    if onnx is not None and onnx.is_in_onnx_export():
+        return True
+    compiler = sys.modules.get("torch.compiler")
+    if compiler is not None and any(getattr(compiler, name, lambda: False)() for name in ("is_compiling",
+                                                                                          "is_exporting")):
+        return True
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and getattr(dynamo, "is_compiling", lambda: False)():
+        return True
+    fake_tensor = sys.modules.get("torch._subclasses.fake_tensor")
+    return fake_tensor is not None and any(isinstance(t, fake_tensor.FakeTensor) for t in tensors)
