@@ -67,7 +67,7 @@ def test_checkpoint_describes_the_run(ham_run):
 
 
 def test_explain_uses_the_metrics_probabilities(ham_run):
-    from protohead.explain import _outputs, load_model
+    from protohead.explain.run import _outputs, load_model
 
     out, cfg = ham_run
     data, model, tau = load_model(out, cfg)

@@ -102,8 +102,11 @@ def prepare(config: RunConfig, backbone: Any = None) -> PreparedData:
 
 
 def backbone_identity(backbone: Any) -> dict[str, Any]:
-    """What identifies a backbone's features: name, input size, and its cache key (config + weights digest)."""
-    return {"name": backbone.name, "image_size": backbone.image_size, "cache_key": backbone.cache_key()}
+    """What identifies a backbone's features: name, input size, preprocessing, and its cache key (config +
+    weights digest)."""
+    return {"name": backbone.name, "image_size": backbone.image_size, "cache_key": backbone.cache_key(),
+            "pixel_mean": list(backbone.pixel_mean), "pixel_std": list(backbone.pixel_std),
+            "resize": "PIL bilinear to image_size × image_size (aspect ratio not kept)"}
 
 
 def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Path, batch_size: int = 256,

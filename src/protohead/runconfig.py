@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -58,6 +59,7 @@ class RunConfig:
         training (``subset_per_class=0``, ``eval_batch_size=0``, ``lr=nan`` or ``lr=inf`` fail here).
         """
         check_types(self)
+        self.data = os.path.abspath(self.data)  # stored absolute: a run folder works from any directory
         for key, (valid, rule) in VALUE_RULES.items():
             value = getattr(self, key)
             if not valid(value):
