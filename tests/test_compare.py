@@ -24,7 +24,7 @@ def test_quick_comparison_end_to_end_and_resumable(ham10000_root, feature_cache,
     table = (out / "comparison.md").read_text()
     assert all(f" {name} " in table for name in columns())
     assert "not answered (one seed" in table and "tail recall (" in table  # one seed: no verdicts
-    assert len(summary["claims"]) == 8 and summary["claims"][0].startswith("Goal")
+    assert len(summary["claims"]) == 9 and summary["claims"][0].startswith("Goal")
     for plot in ("balanced_accuracy.png", "per_class_recall.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a re-run recomputes nothing: every cell file is left untouched

@@ -156,15 +156,25 @@ def test_contrastive_matches_oracle(case, pairs):
 
 
 def test_contrastive_all_pairs_pushes_same_class_prototypes_apart():
-    """§2.3: the legacy form has a gradient on same-class pairs; the fixed form has none."""
-    protos = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    """§2.3: the legacy form has a gradient that pulls same-class pairs apart; the fixed form has none.
+
+    Three classes of four prototypes: the different-class form's gradient of one prototype only involves the other
+    classes' prototypes, so moving a same-class partner leaves it unchanged; the all-pairs form's changes."""
+    torch.manual_seed(0)
+    protos = torch.randn(3, 4, 8, dtype=torch.float64)
     valid = torch.ones(3, 4, dtype=torch.bool)
-    protos_one_class = protos[:1]
-    fixed = losses.contrastive_loss(protos_one_class, valid[:1], "different_class")
-    legacy = losses.contrastive_loss(protos_one_class, valid[:1], "all")
-    assert float(fixed.detach()) == 0.0
-    (grad_legacy,) = torch.autograd.grad(legacy, protos)
-    assert grad_legacy.abs().sum() > 0
+
+    def grad_of_first(bank: torch.Tensor, pairs: str) -> torch.Tensor:
+        bank = bank.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(losses.contrastive_loss(bank, valid, pairs), bank)
+        return grad[0, 0]
+
+    moved = protos.clone()
+    moved[0, 1] += torch.randn(8, dtype=torch.float64)  # a same-class partner of prototype (0, 0)
+    assert float(losses.contrastive_loss(protos, valid, "different_class")) != 0.0  # it acts between classes
+    torch.testing.assert_close(grad_of_first(moved, "different_class"), grad_of_first(protos, "different_class"),
+                               rtol=0, atol=1e-12)
+    assert not torch.allclose(grad_of_first(moved, "all"), grad_of_first(protos, "all"))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -193,6 +203,32 @@ def test_abstention_matches_oracle(case):
     want_total, want_penalty = oracle_abstention(logits, abstain, labels, 0.1)
     assert float(total) == pytest.approx(want_total, rel=1e-9)
     assert float(penalty) == pytest.approx(want_penalty, rel=1e-9)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_weighted_abstention_matches_oracle(case):
+    """The class-weighted virtual-prediction NLL (coupled abstention with class-balanced weights)."""
+    dist, _, _, _, labels = make_case(**case)
+    logits, abstain = dist[:, :, 0] * 3, dist[:, 0, -1] * 2
+    weights = torch.rand(dist.shape[1], dtype=torch.float64) + 0.1
+    total, penalty = losses.abstention_loss(logits, abstain, labels, scale=0.7, weights=weights)
+    _, want_penalty = oracle_abstention(logits, abstain, labels, 0.7)
+    nll = []
+    for i in range(len(labels)):
+        one, _ = oracle_abstention(logits[i:i + 1], abstain[i:i + 1], labels[i:i + 1], 0.0)
+        nll.append(one)
+    w = [float(weights[int(y)]) for y in labels]
+    want_nll = sum(wi * li for wi, li in zip(w, nll, strict=True)) / sum(w)
+    assert float(total) == pytest.approx(want_nll + 0.7 * want_penalty, rel=1e-9)
+    assert float(penalty) == pytest.approx(want_penalty, rel=1e-9)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cluster_sample_mean_is_protopnets_plain_mean(case):
+    dist, _, counts, valid, labels = make_case(**case)
+    want = sum(min(float(dist[i, int(y), k]) for k in range(counts[int(y)])) for i, y in enumerate(labels))
+    got = losses.cluster_loss(dist, valid, labels, torch.rand(dist.shape[1]), reduction="sample_mean")
+    assert float(got) == pytest.approx(want / len(labels), rel=1e-9)
 
 
 def test_class_weights_schemes():

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Distance = Literal["cosine", "l2", "log_activation"]
+Distance = Literal["cosine", "cosine01", "l2", "log_activation"]
 AttentionScope = Literal["full", "class", "auto"]
 Mixing = Literal["sequential", "parallel", "auto"]
 
@@ -51,6 +51,7 @@ class HeadConfig:
     class_counts: tuple[int, ...] | None = None
     # prototype terms
     clst_scale: float = 0.8
+    cluster_reduction: Literal["class_mean", "sample_mean"] = "class_mean"  # sample_mean: ProtoPNet's plain mean
     sep_scale: float = 0.08
     separation_form: Literal["margin", "unbounded"] = "margin"
     margin: float = 0.3
@@ -61,7 +62,12 @@ class HeadConfig:
     orth_scale: float = 0.0
     # abstention (ProtoASNet) and uncertainty weighting (Kendall et al.)
     use_abstention: bool = False
-    abstention_scale: float = 0.1
+    # "detached": the classifier keeps its own (class-balanced) loss; an abstain logit of its own (a small MLP on
+    # the detached embedding and class log-probabilities) learns the virtual-prediction NLL from the detached
+    # class logits (ConfidNet / SelectiveNet idea). "coupled": the design document's form — the NLL replaces
+    # cross-entropy and the abstain logit is T·cos(embedding, abstention prototype).
+    abstention_mode: Literal["detached", "coupled"] = "detached"
+    abstention_scale: float = 0.7  # λ of the −λ·log(1−α) penalty: ProtoASNet's image setting (the seed used 0.1)
     num_abstention_prototypes: int = 1
     use_uncertainty_weighting: bool = True
     # dynamic prototypes
@@ -85,10 +91,12 @@ class HeadConfig:
             raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.use_attention and self.num_heads >= 2 and (self.emb_dim // 2) % (self.num_heads // 2):
             raise ValueError("emb_dim must be divisible by num_heads // 2 for the light self-attention")
-        choices = {"distance": ("cosine", "l2", "log_activation"), "attention_scope": ("full", "class", "auto"),
+        choices = {"distance": ("cosine", "cosine01", "l2", "log_activation"),
+                   "attention_scope": ("full", "class", "auto"),
                    "mixing": ("sequential", "parallel", "auto"),
                    "fusion": ("gate3", "last"), "separation_form": ("margin", "unbounded"),
-                   "contrastive_pairs": ("different_class", "all")}
+                   "contrastive_pairs": ("different_class", "all"), "abstention_mode": ("detached", "coupled"),
+                   "cluster_reduction": ("class_mean", "sample_mean")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -160,15 +168,17 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
               "different-class contrastive 0.05, cosine", {}),
     "long_tail": ("§7.4 long tail: basic + class-balanced weights (effective number, β=0.9999) on CE and "
                   "cluster", {"use_class_balanced": True, "cb_beta": 0.9999}),
-    "uncertainty": ("§7.4 uncertainty: basic + ProtoASNet abstention (virtual-prediction NLL, scale 0.1)",
-                    {"use_abstention": True, "abstention_scale": 0.1}),
-    "protopnet": ("ProtoPNet: CE + cluster 0.8 + unbounded separation (coefficient −0.08), L2 "
-                  "log-activation, no attention extras' losses",
+    "uncertainty": ("§7.4 uncertainty: basic + abstention learned beside the classifier (detached "
+                    "virtual-prediction NLL, λ = 0.7)", {"use_abstention": True, "abstention_scale": 0.7}),
+    "protopnet": ("ProtoPNet (Chen et al. 2019): CE + cluster 0.8 (plain sample mean) + unbounded separation "
+                  "(coefficient −0.08), L2 log-activation, no extra prototype losses",
                   {**_NO_PROTO_EXTRAS, "distance": "log_activation", "separation_form": "unbounded",
-                   "sep_scale": -0.08}),
-    "protoasnet": ("ProtoASNet: CE via abstention NLL + cluster + unbounded separation, L2 log-activation",
-                   {**_NO_PROTO_EXTRAS, "distance": "log_activation", "separation_form": "unbounded",
-                    "sep_scale": -0.08, "use_abstention": True}),
+                   "sep_scale": -0.08, "cluster_reduction": "sample_mean"}),
+    "protoasnet": ("ProtoASNet (Sacha et al., MICCAI 2023): abstention NLL in place of CE (λ = 0.7) + cluster + "
+                   "unbounded separation + orthogonality 0.01 within class, cosine similarity (s+1)/2",
+                   {**_NO_PROTO_EXTRAS, "distance": "cosine01", "separation_form": "unbounded",
+                    "sep_scale": -0.08, "orth_scale": 0.01, "use_abstention": True, "abstention_mode": "coupled",
+                    "abstention_scale": 0.7}),
     "head_v1": ("head.py: CE + balanced cluster + margin sep + diversity + ALL-pairs contrastive, log-σ, "
                 "gate keeps only the light branch", {"contrastive_pairs": "all", "fusion": "last"}),
     "optimalhead": ("optimalhead.py as intended: NO CE; cluster + margin sep + all-pairs contrastive + "
@@ -177,8 +187,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "head_fixed": ("head_fixed.py: CE + balanced cluster + margin sep + diversity + different-class "
                    "contrastive, log-σ", {}),
     "optimal": ("head_optimal.py full feature set (§6.2 example): head_fixed + class-balanced weights + "
-                "abstention", {"use_class_balanced": True, "cb_beta": 0.9999, "use_abstention": True,
-                               "abstention_scale": 0.1}),
+                "abstention (learned beside the classifier, λ = 0.7)",
+                {"use_class_balanced": True, "cb_beta": 0.9999, "use_abstention": True, "abstention_scale": 0.7}),
 }
 
 PRESET_DESCRIPTIONS: dict[str, str] = {name: description for name, (description, _) in PRESETS.items()}

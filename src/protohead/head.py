@@ -7,6 +7,7 @@ Composition only: the math lives in :mod:`protohead.similarity`, :mod:`protohead
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from protohead.config import HeadConfig, preset_config
 from protohead.objective import HeadScores, PrototypeObjective, scalar_terms
 from protohead.similarity import masked_max, prototype_similarity
 from protohead.validation import check_head_inputs
+
+ABSTENTION_HIDDEN = 64  # width of the detached abstention head's hidden layer
 
 
 class HeadOptimal(nn.Module):
@@ -58,7 +61,7 @@ class HeadOptimal(nn.Module):
         dim = config.emb_dim
         self.proj = nn.Sequential(nn.Linear(config.img_feat_dim, dim), nn.LayerNorm(dim), nn.Dropout(config.dropout))
         self.bank = PrototypeBank(config.num_classes, config.max_prototypes, dim, config.num_prototypes,
-                                  normalized=config.distance == "cosine")
+                                  normalized=config.distance in ("cosine", "cosine01"))
         self.attention = (MixedAttentionBlock(dim, config.num_heads, config.dropout, config.ffn_ratio, config.fusion)
                           if config.use_attention else None)
         log_temperature = torch.tensor(math.log(config.temperature))
@@ -66,13 +69,19 @@ class HeadOptimal(nn.Module):
             self.log_temperature = nn.Parameter(log_temperature)
         else:
             self.register_buffer("log_temperature", log_temperature)
-        if config.use_abstention:
+        if config.use_abstention and config.abstention_mode == "coupled":
             self.abstention_prototypes = nn.Parameter(torch.randn(config.num_abstention_prototypes, dim))
+        elif config.use_abstention:  # an abstain logit of its own, from the detached embedding and class scores
+            self.abstention_head = nn.Sequential(nn.Linear(dim + config.num_classes, ABSTENTION_HIDDEN), nn.GELU(),
+                                                 nn.Linear(ABSTENTION_HIDDEN, 1))
         if config.use_uncertainty_weighting:
             self.log_sigma = nn.Parameter(torch.zeros(2))
         counts = torch.zeros(config.num_classes) if config.class_counts is None else torch.tensor(
             config.class_counts, dtype=torch.float32)
         self.register_buffer("class_counts", counts)
+        if config.use_class_balanced and config.class_counts is None:
+            warnings.warn("use_class_balanced=True without class_counts: class weights stay uniform until "
+                          "set_class_counts() is called with the training split's counts", UserWarning, stacklevel=2)
         self.objective = PrototypeObjective(config)  # the training loss, built from the config (not state)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -193,10 +202,15 @@ class HeadOptimal(nn.Module):
         temperature = self.temperature
         logits = temperature * best_sim
         abstain_logit = None
-        if self.config.use_abstention:
+        if self.config.use_abstention and self.config.abstention_mode == "coupled":
             abstain_sim, _ = prototype_similarity(embedding, self.abstention_prototypes[None], self.config.distance)
             abstain_logit = temperature * abstain_sim.amax(dim=(1, 2))
             uncertainty = losses.abstention_probability(logits, abstain_logit)
+        elif self.config.use_abstention:  # learned from, and scored against, the classifier's detached outputs
+            class_scores = logits.detach()
+            features = torch.cat([embedding.detach(), class_scores.log_softmax(dim=-1)], dim=-1)
+            abstain_logit = self.abstention_head(features).squeeze(-1)
+            uncertainty = losses.abstention_probability(class_scores, abstain_logit)
         else:
             uncertainty = 1.0 - logits.softmax(dim=-1).amax(dim=-1)
         state = {"prototypes": self.bank.prototypes, "valid": valid, "class_counts": self.class_counts,

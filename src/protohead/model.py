@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from protohead.baselines import BASELINES, BaselineHead
+from protohead.config import HeadConfig
 from protohead.head import HeadOptimal
 from protohead.runconfig import RunConfig
 
@@ -46,6 +47,17 @@ def build_model(config: RunConfig, num_classes: int, feature_dim: int, class_cou
                                                "class_counts": tuple(class_counts), **config.head})
 
 
+def uncertainty_rule(model: nn.Module) -> tuple[bool, bool]:
+    """(uncertainty from abstention, probabilities for a balanced prior) of a model's head: the two facts
+    :func:`protohead.posthoc.final_outputs` needs to turn its outputs into the reported uncertainty."""
+    head = head_of(model)
+    if isinstance(head, HeadOptimal):
+        return head.config.use_abstention, head.config.use_class_balanced or head.config.logit_adjustment > 0
+    if isinstance(head, BaselineHead):
+        return False, head.kind in ("linear_la", "balanced_softmax")
+    return False, False
+
+
 def head_of(model: nn.Module) -> nn.Module:
     """The head inside an :class:`EndToEnd` model, or the model itself."""
     return model.head if isinstance(model, EndToEnd) else model
@@ -72,11 +84,30 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
     return {"kind": type(model).__name__}
 
 
+LEGACY_HEAD_OPTIONS: dict[str, Any] = {"abstention_mode": "coupled"}
+"""Head options that did not exist when older checkpoints were written, at the value those checkpoints meant."""
+
+
+def head_from_signature(signature: dict[str, Any], class_counts: list[int] | None = None) -> HeadOptimal:
+    """The head a checkpoint's signature describes, with its stored options exactly (defaults that changed since
+    do not apply; options added since take :data:`LEGACY_HEAD_OPTIONS` or their defaults)."""
+    options = {**LEGACY_HEAD_OPTIONS, **signature["config"]}
+    known = HeadConfig.__dataclass_fields__
+    config = HeadConfig.from_dict({k: v for k, v in options.items() if k in known and k != "class_counts"})
+    if class_counts is not None:
+        config = config.replace(class_counts=tuple(int(n) for n in class_counts))
+    return HeadOptimal(config=config)
+
+
 def signature_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key: stored → current`` for every leaf where two signatures differ (sorted)."""
+    """``key: stored → current`` for every leaf where two signatures differ (sorted). A key the stored
+    signature lacks (an option added after it was written) differs only if the current value is not the one
+    older checkpoints meant (:data:`LEGACY_HEAD_OPTIONS`)."""
     differences = []
     for key in sorted(set(stored) | set(current)):
         old, new = stored.get(key), current.get(key)
+        if key not in stored and prefix.endswith("config.") and LEGACY_HEAD_OPTIONS.get(key, new) == new:
+            continue
         if isinstance(old, dict) and isinstance(new, dict):
             differences += signature_differences(old, new, f"{prefix}{key}.")
         elif old != new:

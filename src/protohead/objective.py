@@ -63,9 +63,11 @@ Objective = Callable[[HeadScores, torch.Tensor], tuple[torch.Tensor, dict[str, t
 
 
 class PrototypeObjective:
-    """The design document's objective for :class:`~protohead.head.HeadOptimal` (SPEC §3): cross-entropy (or
-    the abstention NLL) + cluster, separation, diversity, contrastive and orthogonality terms, summed or
-    weighted by learned log σ; class weights from the dataset counts."""
+    """The design document's objective for :class:`~protohead.head.HeadOptimal` (SPEC §3): cross-entropy (or,
+    with ``abstention_mode="coupled"``, the abstention NLL in its place) + cluster, separation, diversity,
+    contrastive and orthogonality terms, summed or weighted by learned log σ; class weights from the dataset
+    counts. With ``abstention_mode="detached"`` (default) the abstention NLL + λ·penalty is a term of its own on
+    the detached class logits: it trains only the abstain logit, never the classifier."""
 
     def __init__(self, config: HeadConfig) -> None:
         self.config = config
@@ -91,13 +93,19 @@ class PrototypeObjective:
             "ce": losses.cross_entropy_loss(train_logits, labels, ce_weights, cfg.focal_gamma),
         }
         classification = terms["ce"] if cfg.use_ce else logits.new_zeros(())
-        if scores.abstain_logit is not None:
+        abstention = logits.new_zeros(())
+        if scores.abstain_logit is not None and cfg.abstention_mode == "coupled":  # the document's: NLL replaces CE
             terms["abstention"], terms["abstention_penalty"] = losses.abstention_loss(
                 train_logits, scores.abstain_logit, labels, cfg.abstention_scale, ce_weights)
             classification = terms["abstention"]
+        elif scores.abstain_logit is not None:  # learned beside the classifier, from its detached logits
+            abstention, terms["abstention_penalty"] = losses.abstention_loss(
+                logits.detach(), scores.abstain_logit, labels, cfg.abstention_scale)
+            terms["abstention"] = abstention
         prototypes = state["prototypes"]
         weighted_terms = {
-            "cluster": (cfg.clst_scale, lambda: losses.cluster_loss(dist, valid, labels, weights)),
+            "cluster": (cfg.clst_scale, lambda: losses.cluster_loss(dist, valid, labels, weights,
+                                                                    cfg.cluster_reduction)),
             "separation": (cfg.sep_scale, lambda: losses.separation_loss(dist, valid, labels, cfg.margin,
                                                                          cfg.separation_form)),
             "diversity": (cfg.div_scale, lambda: losses.diversity_loss(prototypes, valid, cfg.div_threshold)),
@@ -119,6 +127,7 @@ class PrototypeObjective:
             terms["log_sigma_prototype"] = log_sigma[1]
         else:
             total = classification + prototype_total
+        total = total + abstention  # detached abstention: its own term, outside the log-σ weighting
         terms["temperature"] = state["temperature"]
         terms["total"] = total
         return total, terms

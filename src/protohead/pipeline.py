@@ -17,7 +17,7 @@ from torch import nn
 from protohead import runfolder
 from protohead.atomic import write_text_atomic
 from protohead.head import HeadOptimal
-from protohead.model import EndToEnd, build_model, head_of, model_signature
+from protohead.model import EndToEnd, build_model, head_of, model_signature, uncertainty_rule
 from protohead.posthoc import final_outputs
 from protohead.runconfig import RunConfig
 from protohead.training.checkpoint import load_checkpoint
@@ -125,9 +125,8 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Pa
 
     out_dir.mkdir(parents=True, exist_ok=True)
     prediction = predict(model, data.splits[split], batch_size)
-    head = head_of(model)
     probs, uncertainty = final_outputs(prediction["probabilities"], prediction["uncertainty"], data.class_counts,
-                                       posthoc_tau, isinstance(head, HeadOptimal) and head.config.use_abstention)
+                                       posthoc_tau, *uncertainty_rule(model))
     labels = prediction["labels"]
     metrics = compute_metrics(probs, labels, uncertainty, data.class_names)
     metrics.update(split=split, posthoc_tau=posthoc_tau)
@@ -136,7 +135,7 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Pa
     plot_reliability_diagram(probs, labels, out_dir / "reliability.png")
     plot_risk_coverage(correct, uncertainty, out_dir / "risk_coverage.png", label=metrics["uncertainty_source"])
     np.savez(out_dir / f"predictions_{split}.npz", probabilities=probs, uncertainty=uncertainty, labels=labels,
-             ids=np.asarray(data.ids[split]))
+             ids=np.asarray(data.ids[split]), probabilities_raw=prediction["probabilities"])
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 

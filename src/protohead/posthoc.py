@@ -58,15 +58,34 @@ def adjust_probabilities(probabilities: np.ndarray, class_counts: np.ndarray | l
     return weights / weights.sum(axis=1, keepdims=True)
 
 
+def real_prior_probabilities(probabilities: np.ndarray, class_counts: np.ndarray | list[int],
+                             balanced_prior: bool) -> np.ndarray:
+    """(n, C) class probabilities under the training (real) prior. A head trained for a balanced prior
+    (class-balanced weights, logit adjustment, balanced softmax) estimates p(y | x) for uniform classes; under the
+    real prior π they become p ⊙ π, renormalised (Saerens et al. 2002). Other heads' are returned as they are."""
+    if not balanced_prior:
+        return probabilities
+    weighted = probabilities * np.exp(log_prior(class_counts))
+    return weighted / weighted.sum(axis=1, keepdims=True)
+
+
 def final_outputs(probabilities: np.ndarray, uncertainty: np.ndarray, class_counts: np.ndarray | list[int],
-                  tau: float, uncertainty_from_abstention: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The probabilities and uncertainty a run reports: (n, C) probabilities shifted by τ (see
-    :func:`adjust_probabilities`) and (n,) uncertainty — the head's abstention probability when it has one,
-    else 1 − max of the shifted probabilities. Used by evaluation and prediction alike."""
-    if not tau:
-        return probabilities, uncertainty
-    shifted = adjust_probabilities(probabilities, class_counts, tau)
-    return shifted, (uncertainty if uncertainty_from_abstention else 1.0 - shifted.max(1))
+                  tau: float, uncertainty_from_abstention: bool, balanced_prior: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The probabilities and uncertainty a run reports, used by evaluation and prediction alike.
+
+    Returns (n, C) probabilities shifted by τ (see :func:`adjust_probabilities`: the decision) and (n,)
+    uncertainty: the head's abstention probability when it has one, else 1 − the real-prior probability of
+    the class actually predicted (:func:`real_prior_probabilities`), the chance that this decision is wrong on
+    data distributed as in training — a better selective-prediction score than 1 − max of the shifted
+    probabilities, which are tilted towards rare classes by τ (BENCHMARKS §8).
+    """
+    shifted = adjust_probabilities(probabilities, class_counts, tau) if tau else probabilities
+    if uncertainty_from_abstention:
+        return shifted, uncertainty
+    real = real_prior_probabilities(probabilities, class_counts, balanced_prior)
+    predicted = shifted.argmax(axis=1)
+    return shifted, 1.0 - real[np.arange(len(real)), predicted]
 
 
 def choose_prior_shift(probabilities: np.ndarray, labels: np.ndarray, class_counts: np.ndarray | list[int],

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from protohead import runfolder
-from protohead.model import EndToEnd, head_of
+from protohead.model import EndToEnd, head_of, uncertainty_rule
 from protohead.posthoc import final_outputs
 
 ImageInput = str | os.PathLike | np.ndarray | Any  # a path, an (H, W, 3) uint8 array, or a PIL image
@@ -143,7 +143,7 @@ class RunPredictor:
         result = {key: np.concatenate(values) for key, values in parts.items()}
         result["probabilities"], result["uncertainty"] = final_outputs(
             result["probabilities"], result["uncertainty"], self.loaded.class_counts, self.loaded.posthoc_tau,
-            self.uses_abstention)
+            *uncertainty_rule(self.loaded.model))
         return result
 
     def predict(self, images: Sequence[ImageInput] | ImageInput, top: int = TOP_PROTOTYPES) -> list[Prediction]:

@@ -369,7 +369,7 @@ def load_model(run_dir: str | Path, checkpoint: str = BEST_CHECKPOINT, data: Any
     from their data (``data``: a prepared dataset to reuse, else it is prepared from the stored config).
     Raises ``ValueError`` naming the file when the folder, config or checkpoint is unusable.
     """
-    from protohead.model import EndToEnd, build_model
+    from protohead.model import EndToEnd, build_model, head_from_signature
     from protohead.training.checkpoint import load_state, read_checkpoint
 
     run_dir = Path(run_dir)
@@ -388,8 +388,12 @@ def load_model(run_dir: str | Path, checkpoint: str = BEST_CHECKPOINT, data: Any
         description = describe_run(config, data)
     else:
         config = RunConfig.from_dict({**description["config"], "data": config.data})  # config.yaml's data path
-    model = build_model(config, len(description["class_names"]), description["feature_dim"],
-                        description["class_counts"])
+    signature = user.get("signature") or {}
+    if signature.get("kind") == "HeadOptimal" or signature.get("head", {}).get("kind") == "HeadOptimal":
+        model = head_from_signature(signature.get("head", signature), description["class_counts"])
+    else:
+        model = build_model(config, len(description["class_names"]), description["feature_dim"],
+                            description["class_counts"])
     if config.finetune:
         from protohead.backbones import build_backbone
 

@@ -4,6 +4,7 @@ Every function returns a pair ``(similarity, distance)`` of the same shape; logi
 prototype losses (cluster, separation) use the distance.
 
 - ``cosine``: s = cos(x, p), d = 1 − s.
+- ``cosine01`` (ProtoASNet): s = (cos(x, p) + 1) / 2 ∈ [0, 1], d = 1 − s.
 - ``l2``: d = ‖x − p‖² / D (squared Euclidean, scaled by the dimension so margins stay meaningful
   whatever D is), s = −d.
 - ``log_activation`` (ProtoPNet): d as for ``l2``, s = log((d + 1) / (d + 1e-4)).
@@ -26,16 +27,17 @@ def prototype_similarity(embedding: torch.Tensor, prototypes: torch.Tensor,
     Args:
         embedding: (B, D) pooled sample embeddings.
         prototypes: (B, C, M, D) per-sample adapted prototypes, or (C, M, D) shared ones.
-        distance: ``cosine``, ``l2`` or ``log_activation``.
+        distance: ``cosine``, ``cosine01``, ``l2`` or ``log_activation``.
 
     Returns:
         (similarity, distance), each (B, C, M).
     """
     if prototypes.dim() == 3:
         return _shared_similarity(embedding, prototypes, distance)
-    if distance == "cosine":
+    if distance in ("cosine", "cosine01"):
         dots = torch.einsum("bd,bcmd->bcm", F.normalize(embedding, dim=-1), prototypes)
         sim = dots / prototypes.norm(dim=-1).clamp_min(1e-12)  # no normalised (B, C, M, D) copy
+        sim = sim if distance == "cosine" else (sim + 1.0) / 2.0
         return sim, 1.0 - sim
     if distance in ("l2", "log_activation"):
         dim = embedding.shape[-1]
@@ -44,7 +46,7 @@ def prototype_similarity(embedding: torch.Tensor, prototypes: torch.Tensor,
         if distance == "l2":
             return -dist, dist
         return torch.log((dist + 1.0) / (dist + 1e-4)), dist
-    raise ValueError(f"unknown distance {distance!r}; choose cosine, l2 or log_activation")
+    raise ValueError(f"unknown distance {distance!r}; choose cosine, cosine01, l2 or log_activation")
 
 
 def _shared_similarity(embedding: torch.Tensor, prototypes: torch.Tensor, distance: str
@@ -52,8 +54,9 @@ def _shared_similarity(embedding: torch.Tensor, prototypes: torch.Tensor, distan
     """(B, D) vs shared (C, M, D) via one matrix product, without a (B, C, M, D) intermediate."""
     num_classes, max_slots, dim = prototypes.shape
     flat = prototypes.reshape(-1, dim)
-    if distance == "cosine":
+    if distance in ("cosine", "cosine01"):
         sim = (F.normalize(embedding, dim=-1) @ F.normalize(flat, dim=-1).t()).reshape(-1, num_classes, max_slots)
+        sim = sim if distance == "cosine" else (sim + 1.0) / 2.0
         return sim, 1.0 - sim
     if distance in ("l2", "log_activation"):
         sq = embedding.pow(2).sum(-1, keepdim=True) + flat.pow(2).sum(-1) - 2 * embedding @ flat.t()
@@ -61,4 +64,4 @@ def _shared_similarity(embedding: torch.Tensor, prototypes: torch.Tensor, distan
         if distance == "l2":
             return -dist, dist
         return torch.log((dist + 1.0) / (dist + 1e-4)), dist
-    raise ValueError(f"unknown distance {distance!r}; choose cosine, l2 or log_activation")
+    raise ValueError(f"unknown distance {distance!r}; choose cosine, cosine01, l2 or log_activation")

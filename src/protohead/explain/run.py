@@ -69,6 +69,7 @@ def _outputs(model: torch.nn.Module, split: Any, indices: Sequence[int], batch_s
              class_counts: Sequence[int], tau: float) -> dict[str, np.ndarray]:
     """Eval-mode head outputs for ``indices`` of a split: probabilities and uncertainty exactly as the run's
     metrics use them (post-hoc τ applied, :func:`protohead.posthoc.final_outputs`), winners (+ maps)."""
+    from protohead.model import uncertainty_rule
     from protohead.posthoc import final_outputs
 
     keys = ["probabilities", "uncertainty", "winning_prototype"] + (["similarities", "attention"] if keep_maps else [])
@@ -81,10 +82,9 @@ def _outputs(model: torch.nn.Module, split: Any, indices: Sequence[int], batch_s
             if info.get(key) is not None:
                 parts[key].append(info[key].float().numpy() if key != "winning_prototype" else info[key].numpy())
     result = {key: np.concatenate(values) for key, values in parts.items() if values}
-    head = getattr(model, "head", model)
     result["probabilities"], result["uncertainty"] = final_outputs(
         result["probabilities"].astype(np.float64), result["uncertainty"].astype(np.float64), class_counts, tau,
-        bool(head.config.use_abstention))
+        *uncertainty_rule(model))
     return result
 
 

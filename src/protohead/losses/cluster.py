@@ -9,8 +9,10 @@ from protohead.losses.masked import masked_min
 
 
 def cluster_loss(distances: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
+                 weights: torch.Tensor | None = None, reduction: str = "class_mean") -> torch.Tensor:
     """Weighted mean over classes present in the batch of mean_i min_k d(x_i, p_{y_i,k}).
+
+    ``reduction="sample_mean"``: ProtoPNet's plain mean over the batch's samples (``weights`` not used).
 
     Args:
         distances: (B, C, M) sample-to-prototype distances.
@@ -23,6 +25,10 @@ def cluster_loss(distances: torch.Tensor, valid: torch.Tensor, labels: torch.Ten
     """
     num_classes = distances.shape[1]
     own = masked_min(distances, valid).gather(1, labels[:, None]).squeeze(1)  # (B,)
+    if reduction == "sample_mean":
+        return own.mean()
+    if reduction != "class_mean":
+        raise ValueError(f"unknown cluster reduction {reduction!r}; choose class_mean or sample_mean")
     onehot = F.one_hot(labels, num_classes).to(distances.dtype)  # (B, C)
     per_class_count = onehot.sum(0)
     per_class_sum = onehot.t() @ own
