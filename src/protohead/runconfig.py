@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from protohead.baselines import BASELINES
 from protohead.config import PRESETS, HeadConfig, preset_config
-from protohead.data.base import DEFAULT_MAX_IMAGE_PIXELS
+from protohead.data.base import DEFAULT_MAX_IMAGE_PIXELS, read_utf8_text
 
 # The repository sits beside shared/ (the HAM10000 copy): src/protohead/runconfig.py → ../../../shared
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "ham10000"
@@ -226,16 +226,7 @@ def read_config_file(path: str | Path, allow_empty: bool = True) -> dict[str, An
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ValueError(f"config file {path} cannot be read: {error.strerror or error}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise ValueError(f"config file {path} is not UTF-8 text (line {line}: byte 0x{data[error.start]:02x}); "
-                         "save it as UTF-8") from None
+    text = read_utf8_text(path, "config file ")
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as error:  # ConstructorError (e.g. a !!python tag: refused, never run) included

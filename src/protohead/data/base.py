@@ -129,6 +129,25 @@ def check_max_pixels(max_pixels: object, what: str = "max_image_pixels") -> int:
     return max_pixels
 
 
+def read_utf8_text(path: str | Path, label: str = "") -> str:
+    """The text of ``path``, read as UTF-8 with or without a byte-order mark (Excel writes one).
+
+    ``ValueError`` naming the file (prefixed with ``label``, e.g. ``"config file "``) when it cannot be read or
+    is not UTF-8 (naming the line and the byte).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"{label}{path} cannot be read: {error.strerror or error}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{label}{path} is not UTF-8 text (line {line}: byte 0x{data[error.start]:02x} at offset "
+                         f"{error.start}); save it as UTF-8") from None
+
+
 def read_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read the image at ``path`` as (H, W, 3) uint8 RGB.
 

@@ -24,6 +24,7 @@ from protohead.data.base import (
     ImageSplit,
     check_max_pixels,
     files_content_key,
+    read_utf8_text,
 )
 
 DERMAMNIST_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -40,18 +41,7 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     file for missing columns, bytes that are not UTF-8 (naming the line and byte), or malformed CSV
     (e.g. a NUL byte).
     """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ValueError(
-            f"{path} is not UTF-8 text (line {line}: byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-            "save it as UTF-8"
-        ) from None
+    text = read_utf8_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         columns = set(reader.fieldnames or ())
