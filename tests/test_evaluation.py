@@ -198,6 +198,7 @@ EXPECTED_KEYS = {
     "ece",
     "nll",
     "aurc",
+    "augrc",
     "accuracy_at_80_coverage",
     "accuracy_at_90_coverage",
     "confusion_matrix",

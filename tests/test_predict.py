@@ -70,10 +70,11 @@ def test_explain_uses_the_metrics_probabilities(ham_run):
     from protohead.explain.run import _outputs, load_model
 
     out, cfg = ham_run
-    data, model, tau = load_model(out, cfg)
+    data, model, selection = load_model(out, cfg)
     saved = np.load(out / "predictions_test.npz")
     test = data.splits["test"]
-    outputs = _outputs(model, test, range(test.size), 64, keep_maps=False, class_counts=data.class_counts, tau=tau)
+    outputs = _outputs(model, test, range(test.size), 64, keep_maps=False, class_counts=data.class_counts,
+                       selection=selection)
     np.testing.assert_array_equal(outputs["probabilities"].argmax(1), saved["probabilities"].argmax(1))
     np.testing.assert_allclose(outputs["probabilities"], saved["probabilities"], atol=1e-6)
 

@@ -92,8 +92,7 @@ def run_cell(config: RunConfig, cell_dir: Path, data: Any) -> dict[str, Any]:
     result = train(config, cell_dir, overwrite=True, data=data)
     train_seconds = time.perf_counter() - started
     model = result["model"]  # the selected (best) checkpoint's state
-    metrics = evaluate_model(model, data, "test", cell_dir, config.eval_batch_size,
-                             result["best"].get("posthoc_tau", 0.0))
+    metrics = evaluate_model(model, data, "test", cell_dir, config.eval_batch_size, result["best"])
     cell: dict[str, Any] = {"config": config.to_dict(), "metrics": metrics, "train_s": train_seconds,
                             "best_epoch": result["best"]["epoch"], **summarise_history(result["history"])}
     recall = metrics["per_class_recall"]

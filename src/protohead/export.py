@@ -57,6 +57,8 @@ class DeployModel(nn.Module):
         logit_shift: optional fixed ``(C,)`` vector added to the logits (a buffer, exported with the
             graph). The run's post-hoc prior shift softmax(log p − τ·log π) is ``-τ·log π`` added to the
             logits: see :func:`prior_logit_shift`. ``None`` (default) exports the head's own logits.
+        temperature: the run's calibration temperature T (fitted on validation): the logits, shift included,
+            are divided by T, so softmax of the output is the run's calibrated probability. 1 (default): none.
         round_features: round tokens and pooled to float16 and back before the head, as the feature cache
             does: a head trained on cached (frozen-backbone) features saw only such values, and
             ``protohead predict`` rounds them the same way. Leave ``False`` for end-to-end (fine-tuned) runs.
@@ -65,7 +67,7 @@ class DeployModel(nn.Module):
     logit_shift: torch.Tensor | None
 
     def __init__(self, backbone: nn.Module, head: nn.Module, logit_shift: torch.Tensor | None = None,
-                 round_features: bool = False) -> None:
+                 round_features: bool = False, temperature: float = 1.0) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -79,6 +81,9 @@ class DeployModel(nn.Module):
                 raise ValueError("logit_shift contains NaN or Inf")
         self.register_buffer("logit_shift", logit_shift)
         self.round_features = bool(round_features)
+        if not 0 < float(temperature) < float("inf"):
+            raise ValueError(f"temperature must be positive and finite, got {temperature}")
+        self.temperature = float(temperature)
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -89,6 +94,8 @@ class DeployModel(nn.Module):
         logits = self.head(tokens, pooled)[0]
         if self.logit_shift is not None:
             logits = logits + self.logit_shift.to(logits.dtype)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         return logits
 
 

@@ -20,7 +20,7 @@ from protohead.head import HeadOptimal
 from protohead.model import EndToEnd, build_model, head_of, model_signature, uncertainty_rule
 from protohead.posthoc import final_outputs
 from protohead.runconfig import RunConfig
-from protohead.training.checkpoint import load_checkpoint
+from protohead.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from protohead.training.loop import SplitInputs, Trainer, predict, write_json
 
 
@@ -110,29 +110,39 @@ def backbone_identity(backbone: Any) -> dict[str, Any]:
 
 
 def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Path, batch_size: int = 256,
-                   posthoc_tau: float = 0.0) -> dict[str, Any]:
+                   selection: dict[str, Any] | None = None) -> dict[str, Any]:
     """Metrics (JSON) and plots (PNG) of ``model`` on ``split``, written into ``out_dir``.
 
-    ``posthoc_tau``: the post-hoc prior shift chosen on validation (``best["posthoc_tau"]``), applied to the
-    probabilities; a max-softmax uncertainty is recomputed from the shifted probabilities.
+    ``selection``: the checkpoint's selection record — ``posthoc_tau`` (the prior shift chosen on validation)
+    and ``calibration_temperature`` (fitted on validation after the shift) are applied as
+    :func:`protohead.posthoc.final_outputs` does for every prediction; ECE is reported before
+    (``ece_uncalibrated``) and after calibration (``ece``).
     """
     from protohead.evaluation import (
         compute_metrics,
+        expected_calibration_error,
         plot_confusion_matrix,
-        plot_reliability_diagram,
+        plot_reliability_before_after,
         plot_risk_coverage,
     )
 
+    selection = selection or {}
+    tau, temperature = selection.get("posthoc_tau", 0.0), selection.get("calibration_temperature", 1.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     prediction = predict(model, data.splits[split], batch_size)
+    rule = uncertainty_rule(model)
+    uncalibrated, _ = final_outputs(prediction["probabilities"], prediction["uncertainty"], data.class_counts, tau,
+                                    *rule)
     probs, uncertainty = final_outputs(prediction["probabilities"], prediction["uncertainty"], data.class_counts,
-                                       posthoc_tau, *uncertainty_rule(model))
+                                       tau, *rule, temperature=temperature)
     labels = prediction["labels"]
     metrics = compute_metrics(probs, labels, uncertainty, data.class_names)
-    metrics.update(split=split, posthoc_tau=posthoc_tau)
+    metrics.update(split=split, posthoc_tau=tau, calibration_temperature=temperature,
+                   ece_uncalibrated=expected_calibration_error(uncalibrated, labels))
     correct = probs.argmax(1) == labels
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), data.class_names, out_dir / "confusion_matrix.png")
-    plot_reliability_diagram(probs, labels, out_dir / "reliability.png")
+    plot_reliability_before_after(uncalibrated, probs, labels, out_dir / "reliability.png",
+                                  names=("after τ", f"after τ and temperature {temperature:.2f}"))
     plot_risk_coverage(correct, uncertainty, out_dir / "risk_coverage.png", label=metrics["uncertainty_source"])
     np.savez(out_dir / f"predictions_{split}.npz", probabilities=probs, uncertainty=uncertainty, labels=labels,
              ids=np.asarray(data.ids[split]), probabilities_raw=prediction["probabilities"])
@@ -192,7 +202,10 @@ def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) ->
             runfolder.write_config(run_dir, config)
     result = trainer.fit()
     load_checkpoint(trainer.best_path, model)  # the selected model, from here on
-    if distributed.is_main():
+    result["best"].update(calibrate(config, model, data, result["best"]))
+    if distributed.is_main():  # the selection record (τ, temperature) travels with the checkpoint
+        _, meta = read_checkpoint(trainer.best_path)
+        save_checkpoint(trainer.best_path, model, metadata={**meta["user"], "best": result["best"]})
         write_json(run_dir / runfolder.HISTORY_FILE, result)
         write_json(run_dir / runfolder.TRAIN_IDS_FILE, list(data.ids["train"]))
         head = head_of(model)
@@ -201,6 +214,21 @@ def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) ->
             runfolder.write_prototype_sources(run_dir, head, data.images["train"], image_size)
     result.update(model=model, data=data, best_path=trainer.best_path, train_s=time.perf_counter() - started)
     return result
+
+
+def calibrate(config: RunConfig, model: nn.Module, data: PreparedData, best: dict[str, Any]) -> dict[str, Any]:
+    """Temperature scaling fitted on the validation split after the post-hoc shift (``calibrate=false``: T = 1).
+
+    Returns ``{"calibration_temperature": T}`` for the selection record.
+    """
+    if not config.calibrate:
+        return {"calibration_temperature": 1.0}
+    from protohead.evaluation import fit_temperature
+
+    val = predict(model, data.splits["val"], config.eval_batch_size)
+    probs, _ = final_outputs(val["probabilities"], val["uncertainty"], data.class_counts,
+                             best.get("posthoc_tau", 0.0), *uncertainty_rule(model))
+    return {"calibration_temperature": fit_temperature(probs, val["labels"])}
 
 
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
@@ -220,8 +248,7 @@ def run(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite:
     with run_session(config, run_dir, resume, overwrite, None, allow_config_change) as (data, resuming, prep_s):
         result = fit(config, run_dir, data, resuming)
         model = result["model"]
-        metrics = evaluate_model(model, data, "test", run_dir, config.eval_batch_size,
-                                 result["best"].get("posthoc_tau", 0.0))
+        metrics = evaluate_model(model, data, "test", run_dir, config.eval_batch_size, result["best"])
         timing = {"prepare_s": prep_s, "train_s": result["train_s"], "total_s": prep_s + result["train_s"]}
         write_json(run_dir / runfolder.TIMING_FILE, timing)
         write_report(run_dir, config, metrics, result, timing, data.class_names)
@@ -244,7 +271,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out_dir: str | Path |
         raise ValueError(f"the data at {config.data} have classes {list(data.class_names)}, the run "
                          f"{run_dir} was trained on {list(loaded.class_names)}")
     return evaluate_model(loaded.model, data, split, Path(out_dir) if out_dir else run_dir / f"eval-{split}",
-                          config.eval_batch_size, loaded.posthoc_tau)
+                          config.eval_batch_size, loaded.selection)
 
 
 def write_report(run_dir: Path, config: RunConfig, metrics: dict[str, Any], result: dict[str, Any],

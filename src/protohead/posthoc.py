@@ -70,17 +70,22 @@ def real_prior_probabilities(probabilities: np.ndarray, class_counts: np.ndarray
 
 
 def final_outputs(probabilities: np.ndarray, uncertainty: np.ndarray, class_counts: np.ndarray | list[int],
-                  tau: float, uncertainty_from_abstention: bool, balanced_prior: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  tau: float, uncertainty_from_abstention: bool, balanced_prior: bool = False,
+                  temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The probabilities and uncertainty a run reports, used by evaluation and prediction alike.
 
-    Returns (n, C) probabilities shifted by τ (see :func:`adjust_probabilities`: the decision) and (n,)
+    Returns (n, C) probabilities shifted by τ (see :func:`adjust_probabilities`: the decision), then
+    temperature-scaled (``temperature``, fitted on validation; the arg-max never changes), and (n,)
     uncertainty: the head's abstention probability when it has one, else 1 − the real-prior probability of
     the class actually predicted (:func:`real_prior_probabilities`), the chance that this decision is wrong on
     data distributed as in training — a better selective-prediction score than 1 − max of the shifted
     probabilities, which are tilted towards rare classes by τ (BENCHMARKS §8).
     """
     shifted = adjust_probabilities(probabilities, class_counts, tau) if tau else probabilities
+    if temperature != 1.0:
+        from protohead.evaluation.calibration import apply_temperature
+
+        shifted = apply_temperature(shifted, temperature)
     if uncertainty_from_abstention:
         return shifted, uncertainty
     real = real_prior_probabilities(probabilities, class_counts, balanced_prior)

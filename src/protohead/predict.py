@@ -143,7 +143,7 @@ class RunPredictor:
         result = {key: np.concatenate(values) for key, values in parts.items()}
         result["probabilities"], result["uncertainty"] = final_outputs(
             result["probabilities"], result["uncertainty"], self.loaded.class_counts, self.loaded.posthoc_tau,
-            *uncertainty_rule(self.loaded.model))
+            *uncertainty_rule(self.loaded.model), temperature=self.loaded.temperature)
         return result
 
     def predict(self, images: Sequence[ImageInput] | ImageInput, top: int = TOP_PROTOTYPES) -> list[Prediction]:

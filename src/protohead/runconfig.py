@@ -48,6 +48,7 @@ class RunConfig:
     finetune_image_size: int = 160
     posthoc_tau: float | Literal["auto"] = "auto"  # post-hoc logit adjustment at prediction; "auto": chosen on val
     posthoc_accuracy_tolerance: float = 0.01  # "auto": val accuracy one may give up for val balanced accuracy
+    calibrate: bool = True  # temperature scaling fitted on validation after the post-hoc shift
     eval_batch_size: int = 256
     progress: bool = True
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # refuse images whose header claims more (width × height)

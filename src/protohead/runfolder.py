@@ -360,6 +360,11 @@ class LoadedRun:
     def posthoc_tau(self) -> float:
         return float(self.selection.get("posthoc_tau", 0.0))
 
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature fitted on validation (1: none)."""
+        return float(self.selection.get("calibration_temperature", 1.0))
+
 
 def load_model(run_dir: str | Path, checkpoint: str = BEST_CHECKPOINT, data: Any = None) -> LoadedRun:
     """Rebuild the model of a run folder from its checkpoint alone — the one place that does so.

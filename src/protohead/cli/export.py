@@ -29,15 +29,17 @@ def main(args: argparse.Namespace) -> int:
     tau = loaded.posthoc_tau
     model = DeployModel(backbone, head_of(loaded.model),
                         logit_shift=prior_logit_shift(loaded.class_counts, tau) if tau else None,
-                        round_features=not isinstance(loaded.model, EndToEnd))
+                        round_features=not isinstance(loaded.model, EndToEnd), temperature=loaded.temperature)
     suffix = ".onnx" if args.format == "onnx" else ".pt"
     out = args.out or args.run_dir / runfolder.EXPORT_DIR / f"model{suffix}"
     path = export_model(model, out, args.format, backbone.image_size, batch_size=args.batch_size,
                         metadata={"class_names": list(loaded.class_names), "posthoc_tau": tau,
+                                  "calibration_temperature": loaded.temperature,
                                   "preset": loaded.config.preset, "backbone": loaded.config.backbone,
                                   "pixel_mean": list(backbone.pixel_mean), "pixel_std": list(backbone.pixel_std)})
     checked = read_export_metadata(path).get("verified_max_abs_diff")
     print(f"exported {args.format}: {path} (input (B, 3, {backbone.image_size}, {backbone.image_size}) float32 "
           f"normalised as in training; output logits (B, {len(loaded.class_names)}) with the post-hoc shift τ = "
-          f"{tau:g}; max |logit − PyTorch| on a check batch {checked})")
+          f"{tau:g} and calibration temperature {loaded.temperature:.3f}; max |logit − PyTorch| on a check batch "
+          f"{checked})")
     return 0

@@ -4,8 +4,8 @@ All functions are pure and operate on numpy arrays (anything ``np.asarray`` acce
 Notation: ``n`` = number of samples, ``C`` = number of classes.
 
 scikit-learn provides the standard classification metrics; only what it lacks is written
-here by hand: expected calibration error (ECE), the risk–coverage curve, AURC and
-accuracy at a given coverage.
+here by hand: expected calibration error (ECE), the (generalized) risk–coverage curve, AURC,
+AUGRC and accuracy at a given coverage.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from sklearn.metrics import (
 
 __all__ = [
     "accuracy_at_coverage",
+    "augrc",
     "aurc",
     "compute_metrics",
     "expected_calibration_error",
+    "generalized_risk_coverage_curve",
     "reliability_bins",
     "risk_coverage_curve",
 ]
@@ -197,6 +199,61 @@ def aurc(correct: ArrayLike, uncertainty: ArrayLike) -> float:
     return float(risk.mean())
 
 
+def generalized_risk_coverage_curve(
+    correct: ArrayLike, uncertainty: ArrayLike
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Generalized risk–coverage curve (Traub et al., NeurIPS 2024).
+
+    Same ordering as :func:`risk_coverage_curve` (uncertainty ascending, ties broken stably by original
+    order). For ``k = 1..n``: coverage ``k/n`` and generalized risk = (number of wrong samples among the ``k``
+    most confident) / ``n`` — the joint probability "accepted and wrong", not the selective risk
+    "wrong given accepted" (which divides by ``k``).
+
+    Args:
+        correct: (n,) bool, whether each prediction is correct.
+        uncertainty: (n,) float, higher = less confident.
+
+    Returns:
+        ``(coverage, generalized_risk)``, both of shape (n,).
+    """
+    c, u = _as_correct_uncertainty(correct, uncertainty)
+    n = c.shape[0]
+    order = np.argsort(u, kind="stable")
+    errors = (~c[order]).astype(np.float64)
+    k = np.arange(1, n + 1, dtype=np.float64)
+    return k / n, np.cumsum(errors) / n
+
+
+def augrc(correct: ArrayLike, uncertainty: ArrayLike) -> float:
+    """Area under the generalized risk–coverage curve (AUGRC; Traub et al., NeurIPS 2024).
+
+    With ``G_k`` = (errors among the ``k`` most confident samples) / ``n`` (see
+    :func:`generalized_risk_coverage_curve`) and ``G_0 = 0``, the area is the trapezoid rule over the points
+    ``(k/n, G_k)``, ``k = 0..n``, including the origin, as in the paper's reference implementation
+    (fd-shifts ``RiskCoverageStats.augrc``: ``np.trapz`` over the RC points plus ``(0, 0)``)::
+
+        AUGRC = (1/n) * sum_{k=1..n} (G_{k-1} + G_k) / 2 = mean_k G_k - G_n / (2n)
+
+    This equals the continuous-coverage integral of the linearly interpolated curve, so: all correct → 0, all
+    wrong → exactly 1/2, a perfect ranking (all errors least confident) → exactly ``err² / 2`` (the paper's
+    optimal AUGRC), the reverse ranking → ``err − err² / 2``, and ``AUGRC <= AURC`` always.
+
+    Ties in ``uncertainty`` are broken stably by original order, exactly as in :func:`aurc` and
+    :func:`risk_coverage_curve`. (The reference implementation instead merges tied samples into one curve point,
+    which equals the expectation over random tie orders; both coincide when there are no ties.)
+
+    Args:
+        correct: (n,) bool.
+        uncertainty: (n,) float, higher = less confident.
+
+    Returns:
+        AUGRC in ``[0, 1/2]`` (lower is better).
+    """
+    _, g = generalized_risk_coverage_curve(correct, uncertainty)
+    n = g.shape[0]
+    return float(g.mean() - g[-1] / (2 * n))
+
+
 def accuracy_at_coverage(correct: ArrayLike, uncertainty: ArrayLike, coverage: float) -> float:
     """Accuracy on the ``ceil(coverage * n)`` most confident samples.
 
@@ -254,7 +311,7 @@ def compute_metrics(
         Dict with keys ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``per_class_recall``
         (name -> float, None for classes absent from ``labels``), ``macro_auroc`` (None if fewer
         than two classes are present), ``auroc_classes`` (names of the classes the AUROC is
-        averaged over), ``ece``, ``nll``, ``aurc``, ``accuracy_at_80_coverage``,
+        averaged over), ``ece``, ``nll``, ``aurc``, ``augrc``, ``accuracy_at_80_coverage``,
         ``accuracy_at_90_coverage``, ``confusion_matrix`` (C x C list of lists, rows = true),
         ``num_samples`` and ``uncertainty_source`` (``"given"`` or ``"max_softmax"``).
 
@@ -312,6 +369,7 @@ def compute_metrics(
         "ece": expected_calibration_error(p, y),
         "nll": float(nll),
         "aurc": aurc(correct, u),
+        "augrc": augrc(correct, u),
         "accuracy_at_80_coverage": accuracy_at_coverage(correct, u, 0.8),
         "accuracy_at_90_coverage": accuracy_at_coverage(correct, u, 0.9),
         "confusion_matrix": confusion_matrix(y, pred, labels=all_labels).tolist(),

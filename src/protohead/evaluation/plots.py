@@ -18,12 +18,13 @@ from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
 from protohead.atomic import atomic_open
-from protohead.evaluation.metrics import aurc, reliability_bins, risk_coverage_curve
+from protohead.evaluation.metrics import aurc, expected_calibration_error, reliability_bins, risk_coverage_curve
 
 __all__ = [
     "plot_bar_with_errors",
     "plot_confusion_matrix",
     "plot_heatmap",
+    "plot_reliability_before_after",
     "plot_reliability_diagram",
     "plot_risk_coverage",
 ]
@@ -143,6 +144,49 @@ def plot_reliability_diagram(probs: ArrayLike, labels: ArrayLike, path: PathLike
     ax.set_xlabel("Confidence")
     ax.set_ylabel("Accuracy")
     ax.set_title(f"Reliability diagram (ECE = {ece:.4f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return _save_atomic(fig, path)
+
+
+def plot_reliability_before_after(
+    probs_before: ArrayLike,
+    probs_after: ArrayLike,
+    labels: ArrayLike,
+    path: PathLike,
+    n_bins: int = 15,
+    names: tuple[str, str] = ("before", "after"),
+) -> Path:
+    """Two reliability curves in one figure (e.g. before / after temperature scaling), ECE in the legend.
+
+    Each curve joins the (mean confidence, accuracy) points of the non-empty equal-width confidence bins of
+    :func:`protohead.evaluation.metrics.reliability_bins`; marker area grows with the bin's sample count.
+
+    Args:
+        probs_before: (n, C) predicted probabilities before calibration.
+        probs_after: (n, C) predicted probabilities after calibration.
+        labels: (n,) integer labels.
+        path: destination PNG.
+        n_bins: number of equal-width confidence bins.
+        names: legend names of the two curves.
+    """
+    curves = (("tab:red", "o", names[0], probs_before), ("tab:blue", "s", names[1], probs_after))
+    fig = _new_figure((5.5, 5.0))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="Perfect calibration")
+    for color, marker, name, probs in curves:
+        _, acc, conf, counts = reliability_bins(probs, labels, n_bins)
+        ece = expected_calibration_error(probs, labels, n_bins)
+        keep = counts > 0
+        sizes = 12.0 + 150.0 * counts[keep] / counts.sum()
+        ax.plot(conf[keep], acc[keep], color=color, label=f"{name} (ECE = {ece:.4f})")
+        ax.scatter(conf[keep], acc[keep], s=sizes, color=color, marker=marker, edgecolors="black", zorder=3)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("Confidence (bin mean)")
+    ax.set_ylabel("Accuracy")
+    ax.set_title(f"Reliability ({n_bins} bins)")
+    ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left")
     fig.tight_layout()
     return _save_atomic(fig, path)

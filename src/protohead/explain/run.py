@@ -54,19 +54,20 @@ def read_run_config(run_dir: str | Path) -> Any:
 
 
 def load_model(run_dir: str | Path, config: Any) -> tuple[Any, torch.nn.Module, float]:
-    """(prepared data, the run's selected model in eval mode, its post-hoc τ), via the run-folder module."""
+    """(prepared data, the run's selected model in eval mode, its selection record: post-hoc τ and calibration
+    temperature), via the run-folder module."""
     from protohead import runfolder
     from protohead.model import EndToEnd
     from protohead.pipeline import prepare
 
     loaded = runfolder.load_model(run_dir)
     data = prepare(config, backbone=loaded.model.backbone if isinstance(loaded.model, EndToEnd) else None)
-    return data, loaded.model, loaded.posthoc_tau
+    return data, loaded.model, loaded.selection
 
 
 @torch.no_grad()
 def _outputs(model: torch.nn.Module, split: Any, indices: Sequence[int], batch_size: int, keep_maps: bool,
-             class_counts: Sequence[int], tau: float) -> dict[str, np.ndarray]:
+             class_counts: Sequence[int], selection: dict[str, Any]) -> dict[str, np.ndarray]:
     """Eval-mode head outputs for ``indices`` of a split: probabilities and uncertainty exactly as the run's
     metrics use them (post-hoc τ applied, :func:`protohead.posthoc.final_outputs`), winners (+ maps)."""
     from protohead.model import uncertainty_rule
@@ -83,8 +84,9 @@ def _outputs(model: torch.nn.Module, split: Any, indices: Sequence[int], batch_s
                 parts[key].append(info[key].float().numpy() if key != "winning_prototype" else info[key].numpy())
     result = {key: np.concatenate(values) for key, values in parts.items() if values}
     result["probabilities"], result["uncertainty"] = final_outputs(
-        result["probabilities"].astype(np.float64), result["uncertainty"].astype(np.float64), class_counts, tau,
-        *uncertainty_rule(model))
+        result["probabilities"].astype(np.float64), result["uncertainty"].astype(np.float64), class_counts,
+        selection.get("posthoc_tau", 0.0), *uncertainty_rule(model),
+        temperature=selection.get("calibration_temperature", 1.0))
     return result
 
 
@@ -121,7 +123,7 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
     dataset = load_data(config)  # images, and the test ids to check --images against before the slow part
     chosen_ids = list(dict.fromkeys(image_ids)) if image_ids else None
     chosen = resolve_image_ids(dataset.splits["test"].ids, chosen_ids) if chosen_ids else None
-    data, model, tau = load_model(run_dir, config)
+    data, model, selection = load_model(run_dir, config)
     head = getattr(model, "head", model)
     if not isinstance(head, HeadOptimal):
         raise ValueError(f"run {run_dir} uses {config.preset!r}, which has no prototypes to explain")
@@ -150,7 +152,7 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
                           distance=head.config.distance, project=head.project, class_names=names)
     val_split = data.splits["val"]
     val = _outputs(model, val_split, range(val_split.size), batch_size, keep_maps=False,
-                   class_counts=data.class_counts, tau=tau)
+                   class_counts=data.class_counts, selection=selection)
     dead = dead_prototypes(val["winning_prototype"], valid, val_split.labels, names)
     duplicates = near_duplicates(head.bank.prototypes.detach(), valid, duplicate_threshold, names)
     diagnostics = {"purity": purities, "near_duplicates": duplicates, "dead_prototypes": dead,
@@ -187,10 +189,10 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
     # explanations -----------------------------------------------------------------------------------
     if chosen is None:
         test = _outputs(model, test_split, range(test_split.size), batch_size, keep_maps=False,
-                   class_counts=data.class_counts, tau=tau)
+                   class_counts=data.class_counts, selection=selection)
         chosen = select_images(test_split.labels, test["probabilities"].argmax(1), count)
     outputs = _outputs(model, test_split, chosen, batch_size, keep_maps=True,
-                       class_counts=data.class_counts, tau=tau)
+                       class_counts=data.class_counts, selection=selection)
     image_split = dataset.splits["test"]
     for row, index in enumerate(chosen):
         prediction = ImagePrediction(outputs["probabilities"][row], float(outputs["uncertainty"][row]),
