@@ -160,3 +160,17 @@ def test_export_cli_matches_predict(tmp_path, capsys, fmt):
     expected = np.array([[p.probabilities[c] for c in ("a", "b")] for p in predictor.predict(paths)])
     np.testing.assert_allclose(probs, expected, atol=1e-4)
     assert runfolder.own_file(exported.relative_to(out).as_posix())
+
+
+def test_predict_flags_what_is_not_like_the_training_images(ham_run):
+    """The run stores an OOD threshold chosen on validation; noise images score above it, test lesions mostly not."""
+    out, cfg = ham_run
+    predictor = load_run(out)
+    selection = predictor.loaded.selection
+    assert selection["ood_method"] == "logit_energy" and np.isfinite(selection["ood_threshold"])
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (150, 200, 3), dtype=np.uint8) for _ in range(4)]
+    flagged = [p.ood for p in predictor.predict(noise)]
+    lesions = predictor.predict(list(load_data(cfg).splits["test"].sources[:20]))
+    assert all(isinstance(p.ood_score, float) for p in lesions)
+    assert sum(flagged) >= 3 and sum(p.ood for p in lesions) <= 5, (flagged, [p.ood_score for p in lesions])

@@ -55,7 +55,8 @@ class BaselineHead(nn.Module):
         else:
             logits = self.linear(x)
         uncertainty = (1 - logits.softmax(-1).amax(-1)).detach()
-        return HeadScores(logits, state={"logit_offset": self.logit_offset}), {"uncertainty": uncertainty}
+        outputs = {"uncertainty": uncertainty, "ood_score": -torch.logsumexp(logits.detach(), dim=-1)}
+        return HeadScores(logits, state={"logit_offset": self.logit_offset}), outputs
 
     def forward(self, pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:

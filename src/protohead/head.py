@@ -43,7 +43,8 @@ class HeadOptimal(nn.Module):
     - without labels (inference, eval mode only): ``loss`` is ``None`` and ``info`` holds ``uncertainty``
       (B,), ``probabilities`` (B, C), ``similarities`` (B, C, M) with unused slots at −inf,
       ``attention`` (B, C, M, N) head-averaged cross-attention weights (None without attention),
-      ``winning_prototype`` (B, C).
+      ``winning_prototype`` (B, C), ``ood_score`` (B,): the energy −logsumexp of the logits (each logit is
+      T × the best prototype similarity of its class), higher = further from every prototype.
     Without labels in training mode it raises ``ValueError`` (it never returns a silent zero loss).
     """
 
@@ -217,7 +218,8 @@ class HeadOptimal(nn.Module):
                  "temperature": temperature}
         if self.config.use_uncertainty_weighting:
             state["log_sigma"] = self.log_sigma
-        outputs = {"uncertainty": uncertainty.detach(), "similarities": sim.detach().masked_fill(~valid, float("-inf")),
+        outputs = {"uncertainty": uncertainty.detach(), "ood_score": -torch.logsumexp(logits.detach(), dim=-1),
+                   "similarities": sim.detach().masked_fill(~valid, float("-inf")),
                    "attention": None if attention is None else attention.detach(), "winning_prototype": winner}
         return HeadScores(logits, dist, abstain_logit, state), outputs
 

@@ -217,18 +217,22 @@ def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) ->
 
 
 def calibrate(config: RunConfig, model: nn.Module, data: PreparedData, best: dict[str, Any]) -> dict[str, Any]:
-    """Temperature scaling fitted on the validation split after the post-hoc shift (``calibrate=false``: T = 1).
+    """What the selected model decides with beyond τ, fitted on the validation split: the calibration temperature
+    (temperature scaling after the post-hoc shift; ``calibrate=false``: 1) and the out-of-distribution threshold
+    (the logit-energy score that 95 % of validation images stay under).
 
-    Returns ``{"calibration_temperature": T}`` for the selection record.
+    Returns ``{"calibration_temperature", "ood_method", "ood_threshold", "ood_acceptance"}`` for the selection
+    record.
     """
-    if not config.calibrate:
-        return {"calibration_temperature": 1.0}
     from protohead.evaluation import fit_temperature
+    from protohead.ood import ACCEPTANCE, choose_threshold
 
     val = predict(model, data.splits["val"], config.eval_batch_size)
     probs, _ = final_outputs(val["probabilities"], val["uncertainty"], data.class_counts,
                              best.get("posthoc_tau", 0.0), *uncertainty_rule(model))
-    return {"calibration_temperature": fit_temperature(probs, val["labels"])}
+    return {"calibration_temperature": fit_temperature(probs, val["labels"]) if config.calibrate else 1.0,
+            "ood_method": "logit_energy", "ood_threshold": choose_threshold(val["ood_score"], ACCEPTANCE),
+            "ood_acceptance": ACCEPTANCE}
 
 
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,

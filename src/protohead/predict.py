@@ -59,6 +59,9 @@ class Prediction:
         uncertainty: the abstention probability (abstention heads) or 1 − max probability.
         uncertainty_source: ``"abstention"`` or ``"max_probability"``.
         abstain: abstention heads: whether abstaining is more likely than not (uncertainty ≥ 0.5); else None.
+        ood_score: the logit energy −logsumexp(logits): higher = further from every prototype.
+        ood: whether ``ood_score`` is above the run's threshold (chosen so that 95 % of validation images stay
+            below it): the image does not look like the training lesions. None for runs without a threshold.
         prototypes: the most similar prototypes with their evidence (prototype heads; empty for baselines).
     """
 
@@ -69,6 +72,8 @@ class Prediction:
     uncertainty: float
     uncertainty_source: str
     abstain: bool | None
+    ood_score: float | None = None
+    ood: bool | None = None
     prototypes: list[PrototypeEvidence] = field(default_factory=list)
 
     def to_dict(self, evidence: bool = False) -> dict[str, Any]:
@@ -137,7 +142,7 @@ class RunPredictor:
         for start in range(0, len(images), self.batch_size):
             tokens, pooled = self.features(images[start:start + self.batch_size])
             _, _, info = self.loaded.model(tokens, pooled)
-            for key in ("probabilities", "uncertainty", "similarities", "attention"):
+            for key in ("probabilities", "uncertainty", "ood_score", "similarities", "attention"):
                 if info.get(key) is not None:
                     parts.setdefault(key, []).append(info[key].double().numpy())
         result = {key: np.concatenate(values) for key, values in parts.items()}
@@ -186,12 +191,15 @@ class RunPredictor:
             index = int(probs.argmax())
             uncertainty = float(out["uncertainty"][i])
             evidence = self._evidence(out, i, top) if "similarities" in out else []
+            ood_score = float(out["ood_score"][i])
+            threshold = self.loaded.selection.get("ood_threshold")
             predictions.append(Prediction(
                 source=source, predicted=names[index], class_index=index,
                 probabilities={name: float(p) for name, p in zip(names, probs, strict=True)},
                 uncertainty=uncertainty,
                 uncertainty_source="abstention" if self.uses_abstention else "max_probability",
-                abstain=(uncertainty >= 0.5) if self.uses_abstention else None, prototypes=evidence))
+                abstain=(uncertainty >= 0.5) if self.uses_abstention else None, ood_score=ood_score,
+                ood=None if threshold is None else ood_score > threshold, prototypes=evidence))
         return predictions
 
     def _evidence(self, out: dict[str, np.ndarray], i: int, top: int) -> list[PrototypeEvidence]:

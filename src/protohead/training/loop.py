@@ -55,23 +55,21 @@ def batches_of(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 
 @torch.no_grad()
 def predict(model: nn.Module, split: SplitInputs, batch_size: int) -> dict[str, np.ndarray]:
-    """Eval-mode predictions: probabilities (n, C), uncertainty (n,), labels (n,)."""
+    """Eval-mode predictions: probabilities (n, C), uncertainty (n,), ood_score (n,), labels (n,)."""
     was_training = model.training
     model.eval()
     mine = distributed.shard(torch.arange(split.size))  # under torchrun each rank predicts a shard
-    probs, uncertainty = [], []
+    keys = ("probabilities", "uncertainty", "ood_score")
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
     for indices in batches_of(mine, batch_size):
         tokens, pooled, _ = split.fetch(indices, False)
         _, _, info = model(tokens, pooled)
-        probs.append(info["probabilities"].double())
-        uncertainty.append(info["uncertainty"].double())
+        for key in keys:
+            parts[key].append(info[key].double())
     model.train(was_training)
-    order = distributed.gather_rows_nograd(mine)
-    probs_all = distributed.gather_rows_nograd(torch.cat(probs))
-    uncertainty_all = distributed.gather_rows_nograd(torch.cat(uncertainty))
-    restore = torch.argsort(order)  # the whole split, in its own order, on every rank
-    return {"probabilities": probs_all[restore].numpy(), "uncertainty": uncertainty_all[restore].numpy(),
-            "labels": split.labels.astype(np.int64)}
+    restore = torch.argsort(distributed.gather_rows_nograd(mine))  # the whole split, in its order, on every rank
+    result = {key: distributed.gather_rows_nograd(torch.cat(parts[key]))[restore].numpy() for key in keys}
+    return {**result, "labels": split.labels.astype(np.int64)}
 
 
 class TrainingDivergedError(ValueError):
