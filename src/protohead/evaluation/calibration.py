@@ -22,7 +22,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
-from protohead.evaluation.metrics import _as_labels, _as_probs
+from protohead.evaluation.metrics import _as_labels, _as_matrix, _as_probs
 
 __all__ = [
     "apply_temperature",
@@ -38,16 +38,7 @@ _GRID_POINTS = 49  # coarse log-spaced grid before the bounded Brent refinement
 def _as_scores(scores: ArrayLike, from_logits: bool) -> NDArray[np.float64]:
     """(n, C) log-scores: validated logits as they are, or the log of validated probabilities."""
     if from_logits:
-        z = np.asarray(scores, dtype=np.float64)
-        if z.ndim != 2:
-            raise ValueError(f"logits must be 2-D (n, C), got shape {z.shape}")
-        if z.shape[0] < 1:
-            raise ValueError("logits must contain at least one sample (n >= 1)")
-        if z.shape[1] < 1:
-            raise ValueError("logits must have at least one class column (C >= 1)")
-        if not np.all(np.isfinite(z)):
-            raise ValueError("logits contains non-finite values (NaN or inf)")
-        return z
+        return _as_matrix(scores, "logits")
     p = _as_probs(scores)
     return np.log(np.maximum(p, PROB_FLOOR))
 

@@ -44,16 +44,22 @@ ROW_SUM_TOL = 1e-3
 # --------------------------------------------------------------------------- validation
 
 
-def _as_probs(probs: ArrayLike) -> NDArray[np.float64]:
-    p = np.asarray(probs, dtype=np.float64)
+def _as_matrix(values: ArrayLike, name: str) -> NDArray[np.float64]:
+    """(n, C) float64 with n ≥ 1, C ≥ 1 and finite values; ``ValueError`` naming ``name`` otherwise."""
+    p = np.asarray(values, dtype=np.float64)
     if p.ndim != 2:
-        raise ValueError(f"probs must be 2-D (n, C), got shape {p.shape}")
+        raise ValueError(f"{name} must be 2-D (n, C), got shape {p.shape}")
     if p.shape[0] < 1:
-        raise ValueError("probs must contain at least one sample (n >= 1)")
+        raise ValueError(f"{name} must contain at least one sample (n >= 1)")
     if p.shape[1] < 1:
-        raise ValueError("probs must have at least one class column (C >= 1)")
+        raise ValueError(f"{name} must have at least one class column (C >= 1)")
     if not np.all(np.isfinite(p)):
-        raise ValueError("probs contains non-finite values (NaN or inf)")
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return p
+
+
+def _as_probs(probs: ArrayLike) -> NDArray[np.float64]:
+    p = _as_matrix(probs, "probs")
     if np.any(p < 0):
         raise ValueError("probs contains negative values")
     row_sums = p.sum(axis=1)
