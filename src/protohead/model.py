@@ -47,12 +47,17 @@ def build_model(config: RunConfig, num_classes: int, feature_dim: int, class_cou
                                                "class_counts": tuple(class_counts), **config.head})
 
 
-def uncertainty_rule(model: nn.Module) -> tuple[bool, bool]:
+def uncertainty_rule(model: nn.Module, selection: dict[str, Any] | None = None) -> tuple[bool, bool]:
     """(uncertainty from abstention, probabilities for a balanced prior) of a model's head: the two facts
-    :func:`protohead.posthoc.final_outputs` needs to turn its outputs into the reported uncertainty."""
+    :func:`protohead.posthoc.final_outputs` needs to turn its outputs into the reported uncertainty.
+
+    An abstention head reports its abstention probability unless the run's selection record says that the
+    max-probability score ranked validation errors better (``uncertainty_source="max_probability"``).
+    """
     head = head_of(model)
     if isinstance(head, HeadOptimal):
-        return head.config.use_abstention, head.config.use_class_balanced or head.config.logit_adjustment > 0
+        abstention = head.config.use_abstention and (selection or {}).get("uncertainty_source") != "max_probability"
+        return abstention, head.config.use_class_balanced or head.config.logit_adjustment > 0
     if isinstance(head, BaselineHead):
         return False, head.kind in ("linear_la", "balanced_softmax")
     return False, False

@@ -130,7 +130,7 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Pa
     tau, temperature = selection.get("posthoc_tau", 0.0), selection.get("calibration_temperature", 1.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     prediction = predict(model, data.splits[split], batch_size)
-    rule = uncertainty_rule(model)
+    rule = uncertainty_rule(model, selection)
     uncalibrated, _ = final_outputs(prediction["probabilities"], prediction["uncertainty"], data.class_counts, tau,
                                     *rule)
     probs, uncertainty = final_outputs(prediction["probabilities"], prediction["uncertainty"], data.class_counts,
@@ -145,7 +145,8 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Pa
                                   names=("after τ", f"after τ and temperature {temperature:.2f}"))
     plot_risk_coverage(correct, uncertainty, out_dir / "risk_coverage.png", label=metrics["uncertainty_source"])
     np.savez(out_dir / f"predictions_{split}.npz", probabilities=probs, uncertainty=uncertainty, labels=labels,
-             ids=np.asarray(data.ids[split]), probabilities_raw=prediction["probabilities"])
+             ids=np.asarray(data.ids[split]), probabilities_raw=prediction["probabilities"],
+             head_uncertainty=prediction["uncertainty"])
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -221,18 +222,32 @@ def calibrate(config: RunConfig, model: nn.Module, data: PreparedData, best: dic
     (temperature scaling after the post-hoc shift; ``calibrate=false``: 1) and the out-of-distribution threshold
     (the logit-energy score that 95 % of validation images stay under).
 
-    Returns ``{"calibration_temperature", "ood_method", "ood_threshold", "ood_acceptance"}`` for the selection
-    record.
+    For an abstention head it also compares, on validation, the AURC of the abstention probability with that of
+    the max-probability score and keeps the better as the run's ``uncertainty_source``.
+
+    Returns ``{"calibration_temperature", "ood_method", "ood_threshold", "ood_acceptance"}`` (+ the uncertainty
+    choice and its validation AURCs) for the selection record.
     """
-    from protohead.evaluation import fit_temperature
+    from protohead.evaluation import aurc, fit_temperature
     from protohead.ood import ACCEPTANCE, choose_threshold
 
     val = predict(model, data.splits["val"], config.eval_batch_size)
-    probs, _ = final_outputs(val["probabilities"], val["uncertainty"], data.class_counts,
-                             best.get("posthoc_tau", 0.0), *uncertainty_rule(model))
-    return {"calibration_temperature": fit_temperature(probs, val["labels"]) if config.calibrate else 1.0,
-            "ood_method": "logit_energy", "ood_threshold": choose_threshold(val["ood_score"], ACCEPTANCE),
-            "ood_acceptance": ACCEPTANCE}
+    tau = best.get("posthoc_tau", 0.0)
+    abstention, balanced = uncertainty_rule(model)
+    probs, given = final_outputs(val["probabilities"], val["uncertainty"], data.class_counts, tau, abstention,
+                                 balanced)
+    record = {"calibration_temperature": fit_temperature(probs, val["labels"]) if config.calibrate else 1.0,
+              "ood_method": "logit_energy", "ood_threshold": choose_threshold(val["ood_score"], ACCEPTANCE),
+              "ood_acceptance": ACCEPTANCE}
+    if abstention:  # the abstention probability earns its place only if it ranks validation errors better
+        correct = probs.argmax(1) == val["labels"]
+        _, max_probability = final_outputs(val["probabilities"], val["uncertainty"], data.class_counts, tau, False,
+                                           balanced)
+        record["val_aurc_abstention"], record["val_aurc_max_probability"] = aurc(correct, given), aurc(correct,
+                                                                                                    max_probability)
+        better = record["val_aurc_abstention"] <= record["val_aurc_max_probability"]
+        record["uncertainty_source"] = "abstention" if better else "max_probability"
+    return record
 
 
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,

@@ -123,8 +123,8 @@ class RunPredictor:
 
     @property
     def uses_abstention(self) -> bool:
-        config = getattr(self.head, "config", None)
-        return bool(config is not None and config.use_abstention)
+        """Whether the reported uncertainty is the head's abstention probability (see :func:`uncertainty_rule`)."""
+        return uncertainty_rule(self.loaded.model, self.loaded.selection)[0]
 
     @torch.no_grad()
     def features(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +148,7 @@ class RunPredictor:
         result = {key: np.concatenate(values) for key, values in parts.items()}
         result["probabilities"], result["uncertainty"] = final_outputs(
             result["probabilities"], result["uncertainty"], self.loaded.class_counts, self.loaded.posthoc_tau,
-            *uncertainty_rule(self.loaded.model), temperature=self.loaded.temperature)
+            *uncertainty_rule(self.loaded.model, self.loaded.selection), temperature=self.loaded.temperature)
         return result
 
     def predict(self, images: Sequence[ImageInput] | ImageInput, top: int = TOP_PROTOTYPES) -> list[Prediction]:

@@ -85,7 +85,7 @@ def _outputs(model: torch.nn.Module, split: Any, indices: Sequence[int], batch_s
     result = {key: np.concatenate(values) for key, values in parts.items() if values}
     result["probabilities"], result["uncertainty"] = final_outputs(
         result["probabilities"].astype(np.float64), result["uncertainty"].astype(np.float64), class_counts,
-        selection.get("posthoc_tau", 0.0), *uncertainty_rule(model),
+        selection.get("posthoc_tau", 0.0), *uncertainty_rule(model, selection),
         temperature=selection.get("calibration_temperature", 1.0))
     return result
 
