@@ -20,7 +20,7 @@ from protohead.head import HeadOptimal
 from protohead.model import EndToEnd, build_model, head_of, model_signature, uncertainty_rule
 from protohead.posthoc import final_outputs
 from protohead.runconfig import RunConfig
-from protohead.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from protohead.training.checkpoint import load_checkpoint, save_checkpoint
 from protohead.training.loop import SplitInputs, Trainer, predict, write_json
 
 
@@ -119,6 +119,7 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Pa
     (``ece_uncalibrated``) and after calibration (``ece``).
     """
     from protohead.evaluation import (
+        apply_temperature,
         compute_metrics,
         expected_calibration_error,
         plot_confusion_matrix,
@@ -130,11 +131,10 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Pa
     tau, temperature = selection.get("posthoc_tau", 0.0), selection.get("calibration_temperature", 1.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     prediction = predict(model, data.splits[split], batch_size)
-    rule = uncertainty_rule(model, selection)
-    uncalibrated, _ = final_outputs(prediction["probabilities"], prediction["uncertainty"], data.class_counts, tau,
-                                    *rule)
-    probs, uncertainty = final_outputs(prediction["probabilities"], prediction["uncertainty"], data.class_counts,
-                                       tau, *rule, temperature=temperature)
+    # the uncertainty does not depend on the temperature (it never changes the arg-max): shift once, then scale
+    uncalibrated, uncertainty = final_outputs(prediction["probabilities"], prediction["uncertainty"],
+                                              data.class_counts, tau, *uncertainty_rule(model, selection))
+    probs = apply_temperature(uncalibrated, temperature) if temperature != 1.0 else uncalibrated
     labels = prediction["labels"]
     metrics = compute_metrics(probs, labels, uncertainty, data.class_names)
     metrics.update(split=split, posthoc_tau=tau, calibration_temperature=temperature,
@@ -202,11 +202,10 @@ def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) ->
         if distributed.is_main():  # the checkpoint loaded into this configuration: record it
             runfolder.write_config(run_dir, config)
     result = trainer.fit()
-    load_checkpoint(trainer.best_path, model)  # the selected model, from here on
+    best_metadata = load_checkpoint(trainer.best_path, model)  # the selected model, from here on
     result["best"].update(calibrate(config, model, data, result["best"]))
     if distributed.is_main():  # the selection record (τ, temperature) travels with the checkpoint
-        _, meta = read_checkpoint(trainer.best_path)
-        save_checkpoint(trainer.best_path, model, metadata={**meta["user"], "best": result["best"]})
+        save_checkpoint(trainer.best_path, model, metadata={**best_metadata, "best": result["best"]})
         write_json(run_dir / runfolder.HISTORY_FILE, result)
         write_json(run_dir / runfolder.TRAIN_IDS_FILE, list(data.ids["train"]))
         head = head_of(model)
@@ -280,10 +279,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out_dir: str | Path |
     import dataclasses
 
     run_dir = Path(run_dir)
-    config = runfolder.read_config(run_dir)
-    if data_path is not None:
-        config = dataclasses.replace(config, data=str(data_path))
     loaded = runfolder.load_model(run_dir)
+    config = loaded.config if data_path is None else dataclasses.replace(loaded.config, data=str(data_path))
     # fine-tuned: the images must run through the run's own (trained) backbone
     data = prepare(config, backbone=loaded.model.backbone if isinstance(loaded.model, EndToEnd) else None)
     if loaded.class_names != tuple(data.class_names):
