@@ -70,12 +70,14 @@ from typing import Any
 
 import numpy as np
 
+from protohead.data.base import IMAGE_FILE_SUFFIXES as IMAGE_SUFFIXES
+from protohead.data.base import image_files
+
 METHODS: tuple[str, ...] = ("max_similarity", "energy", "logit_energy", "max_probability")
 PROTOTYPE_METHODS: tuple[str, ...] = ("max_similarity", "energy")
 DEFAULT_METHOD = "logit_energy"
 DEFAULT_ENERGY_TEMPERATURE = 0.05
 ACCEPTANCE = 0.95
-IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 OOD_FILE = "ood.json"
 SCORES_FILE = "ood_scores.csv"
 HISTOGRAM_FILE = "ood_histogram.png"
@@ -319,20 +321,6 @@ def split_outputs(predictor: Any, split: Any, cache_dir: str | os.PathLike[str] 
     return head_outputs(predictor, batches, list(split.ids))
 
 
-def image_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """Image files under ``folder``, recursively, sorted (suffixes :data:`IMAGE_SUFFIXES`, any case; hidden
-    files and folders skipped). ``ValueError`` when ``folder`` is not a folder."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"OOD image folder {root} does not exist or is not a folder")
-    found = []
-    for directory, subdirs, names in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        found += [Path(directory) / name for name in names
-                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(found)
-
-
 def file_outputs(predictor: Any, paths: Sequence[str | os.PathLike[str]]
                  ) -> tuple[HeadOutputs | None, list[tuple[str, str]]]:
     """Head outputs of image files, skipping those that cannot be read.
@@ -376,28 +364,12 @@ def file_outputs(predictor: Any, paths: Sequence[str | os.PathLike[str]]
 
 
 # -------------------------------------------------------------------------------------------- plots
-def _new_figure(figsize: tuple[float, float]) -> Any:
-    """A Figure on its own Agg canvas (no pyplot state, the caller's backend untouched)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_atomic(fig: Any, path: str | os.PathLike[str]) -> Path:
-    from protohead.atomic import atomic_open
-
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png")
-    return Path(path)
-
-
 def plot_histogram(in_scores: np.ndarray, out_scores: np.ndarray, threshold: float, method: str,
                    path: str | os.PathLike[str], labels: tuple[str, str] = ("in-distribution", "OOD")) -> Path:
     """Density histograms of (n_in,) and (n_out,) scores with the threshold marked; PNG written atomically."""
-    fig = _new_figure((6.0, 4.0))
+    from protohead.evaluation.plots import new_figure, save_png
+
+    fig = new_figure((6.0, 4.0))
     ax = fig.add_subplot(1, 1, 1)
     both = np.concatenate([in_scores, out_scores])
     bins = np.linspace(float(both.min()), float(both.max()) + 1e-12, 41)
@@ -408,14 +380,16 @@ def plot_histogram(in_scores: np.ndarray, out_scores: np.ndarray, threshold: flo
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike[str]) -> Path:
     """ROC curves (OOD = positive) of method → ((n_in,) in-distribution, (n_out,) OOD scores); PNG, atomic."""
     from sklearn.metrics import roc_curve
 
-    fig = _new_figure((4.8, 4.6))
+    from protohead.evaluation.plots import new_figure, save_png
+
+    fig = new_figure((4.8, 4.6))
     ax = fig.add_subplot(1, 1, 1)
     for method, (ins, outs) in curves.items():
         labels = np.concatenate([np.zeros(len(ins)), np.ones(len(outs))])
@@ -430,7 +404,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.Pa
     ax.set_ylim(0, 1.01)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------------------- run level

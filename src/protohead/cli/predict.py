@@ -9,8 +9,6 @@ from pathlib import Path
 
 from protohead.cli.common import guarded
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help=__doc__.split(":", 1)[1].strip().rstrip("."))
@@ -26,14 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def expand_inputs(items: list[Path]) -> list[Path]:
-    """Files as given; folders replaced by their image files (recursively, sorted). Missing paths are kept,
-    so they are reported as errors in their place."""
+    """Files as given; folders replaced by their image files (:func:`protohead.data.base.image_files`). Missing
+    paths are kept, so they are reported as errors in their place."""
+    from protohead.data.base import image_files
+
     paths: list[Path] = []
     for item in items:
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            paths.append(item)
+        paths += image_files(item) if item.is_dir() else [item]
     return paths
 
 

@@ -6,6 +6,7 @@ Downstream code (feature extraction, training, evaluation) depends only on this 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -108,6 +109,23 @@ def take(split: ImageSplit, indices: Sequence[int]) -> ImageSplit:
 # --- small helpers shared by the file-based loaders -------------------------------------------------
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGE_FILE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+"""What ``predict`` and ``evaluate --ood`` take from a folder of new images (datasets: :data:`IMAGE_EXTENSIONS`)."""
+
+
+def image_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files under ``folder``, recursively, sorted (suffixes :data:`IMAGE_FILE_SUFFIXES`, any case;
+    hidden files and folders skipped). ``ValueError`` when ``folder`` is not a folder."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist or is not a folder")
+    found = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found += [Path(directory) / name for name in names
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_FILE_SUFFIXES]
+    return sorted(found)
+
 
 DEFAULT_MAX_IMAGE_PIXELS: int = 6000 * 6000
 """Largest image (width × height, read from the file header before decoding) a loader accepts.

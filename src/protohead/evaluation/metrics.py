@@ -187,11 +187,15 @@ def risk_coverage_curve(
     Returns:
         ``(coverage, risk)``, both of shape (n,).
     """
+    errors = _errors_most_confident_first(correct, uncertainty)
+    k = np.arange(1, errors.shape[0] + 1, dtype=np.float64)
+    return k / errors.shape[0], np.cumsum(errors) / k
+
+
+def _errors_most_confident_first(correct: ArrayLike, uncertainty: ArrayLike) -> NDArray[np.float64]:
+    """(n,) 1.0 for each wrong prediction, ordered by uncertainty ascending (ties stably, original order)."""
     c, u = _as_correct_uncertainty(correct, uncertainty)
-    order = np.argsort(u, kind="stable")
-    errors = (~c[order]).astype(np.float64)
-    k = np.arange(1, c.shape[0] + 1, dtype=np.float64)
-    return k / c.shape[0], np.cumsum(errors) / k
+    return (~c[np.argsort(u, kind="stable")]).astype(np.float64)
 
 
 def aurc(correct: ArrayLike, uncertainty: ArrayLike) -> float:
@@ -222,12 +226,9 @@ def generalized_risk_coverage_curve(
     Returns:
         ``(coverage, generalized_risk)``, both of shape (n,).
     """
-    c, u = _as_correct_uncertainty(correct, uncertainty)
-    n = c.shape[0]
-    order = np.argsort(u, kind="stable")
-    errors = (~c[order]).astype(np.float64)
-    k = np.arange(1, n + 1, dtype=np.float64)
-    return k / n, np.cumsum(errors) / n
+    errors = _errors_most_confident_first(correct, uncertainty)
+    n = errors.shape[0]
+    return np.arange(1, n + 1, dtype=np.float64) / n, np.cumsum(errors) / n
 
 
 def augrc(correct: ArrayLike, uncertainty: ArrayLike) -> float:

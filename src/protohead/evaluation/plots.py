@@ -33,13 +33,13 @@ DPI = 120
 PathLike = str | os.PathLike[str]
 
 
-def _new_figure(figsize: tuple[float, float]) -> Figure:
+def new_figure(figsize: tuple[float, float]) -> Figure:
     fig = Figure(figsize=figsize, dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save_atomic(fig: Figure, path: PathLike) -> Path:
+def save_png(fig: Figure, path: PathLike) -> Path:
     """Render ``fig`` to ``path`` as PNG atomically."""
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=DPI)
@@ -82,7 +82,7 @@ def plot_confusion_matrix(
         totals = m.sum(axis=1, keepdims=True)
         m = np.divide(m, totals, out=np.zeros_like(m), where=totals > 0)
     side = max(4.0, 0.6 * C + 2.0)
-    fig = _new_figure((side + 1.0, side))
+    fig = new_figure((side + 1.0, side))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(m, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -94,7 +94,7 @@ def plot_confusion_matrix(
     if C <= 20:
         _annotate_cells(ax, m, ".2f" if normalize else ".0f")
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def plot_reliability_diagram(probs: ArrayLike, labels: ArrayLike, path: PathLike, n_bins: int = 15) -> Path:
@@ -112,7 +112,7 @@ def plot_reliability_diagram(probs: ArrayLike, labels: ArrayLike, path: PathLike
     ece = float(np.sum(counts[nonempty] / n * np.abs(acc[nonempty] - conf[nonempty])))
     width = edges[1] - edges[0]
     left = edges[:-1]
-    fig = _new_figure((5.0, 5.0))
+    fig = new_figure((5.0, 5.0))
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(
         left[nonempty],
@@ -146,7 +146,7 @@ def plot_reliability_diagram(probs: ArrayLike, labels: ArrayLike, path: PathLike
     ax.set_title(f"Reliability diagram (ECE = {ece:.4f})")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def plot_reliability_before_after(
@@ -171,7 +171,7 @@ def plot_reliability_before_after(
         names: legend names of the two curves.
     """
     curves = (("tab:red", "o", names[0], probs_before), ("tab:blue", "s", names[1], probs_after))
-    fig = _new_figure((5.5, 5.0))
+    fig = new_figure((5.5, 5.0))
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="Perfect calibration")
     for color, marker, name, probs in curves:
@@ -189,7 +189,7 @@ def plot_reliability_before_after(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def plot_risk_coverage(
@@ -224,7 +224,7 @@ def plot_risk_coverage(
             raise ValueError("path is required")
         curves = {label if label is not None else "model": (correct, uncertainty)}
 
-    fig = _new_figure((6.0, 4.5))
+    fig = new_figure((6.0, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     for name, (c, u) in curves.items():
         cov, risk = risk_coverage_curve(c, u)
@@ -237,7 +237,7 @@ def plot_risk_coverage(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def plot_bar_with_errors(
@@ -269,7 +269,7 @@ def plot_bar_with_errors(
         if sd.shape[0] != k:
             raise ValueError(f"length mismatch: {k} names but {sd.shape[0]} stds")
         sd = np.where(np.isfinite(sd), sd, 0.0)
-    fig = _new_figure((max(4.0, 0.7 * k + 2.0), 4.5))
+    fig = new_figure((max(4.0, 0.7 * k + 2.0), 4.5))
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(k)
     ax.bar(x, mu, yerr=sd, capsize=4, color="tab:blue", edgecolor="black", alpha=0.85)
@@ -277,7 +277,7 @@ def plot_bar_with_errors(
     ax.set_ylabel(ylabel)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return save_png(fig, path)
 
 
 def plot_heatmap(
@@ -305,7 +305,7 @@ def plot_heatmap(
             f"label mismatch: matrix is {R}x{K} but got {len(row_labels)} row labels "
             f"and {len(col_labels)} col labels"
         )
-    fig = _new_figure((max(4.0, 0.9 * K + 3.0), max(3.0, 0.5 * R + 2.0)))
+    fig = new_figure((max(4.0, 0.9 * K + 3.0), max(3.0, 0.5 * R + 2.0)))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", aspect="auto")
     fig.colorbar(im, ax=ax)
@@ -315,4 +315,4 @@ def plot_heatmap(
     if R * K <= 400:
         _annotate_cells(ax, m, ".3g")
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return save_png(fig, path)

@@ -88,8 +88,8 @@ def check_finite_step(loss: torch.Tensor, info: dict[str, Any], epoch: int, step
     kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint.is_file()
             else "no epoch finished, so no checkpoint was written")
     raise TrainingDivergedError(f"training diverged at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}): loss "
-                           f"{float(loss.detach()):.4g}, non-finite: {', '.join(bad) or 'none'}; {kept}. Lower lr "
-                           "(or check the features) and start again")
+                                f"{float(loss.detach()):.4g}, non-finite: {', '.join(bad) or 'none'}; {kept}. "
+                                "Lower lr (or check the features) and start again")
 
 
 class Trainer:
