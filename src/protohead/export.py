@@ -139,7 +139,8 @@ def export_model(model: DeployModel, path: str | Path, format: ExportFormat, ima
         batch_size: batch size of the trace example (the exported batch axis stays dynamic).
         metadata: extra JSON-serialisable entries stored in the file (see :func:`read_export_metadata`);
             ``format``, ``image_size``, ``num_classes``, ``input``/``output`` names, ``logit_shift``,
-            ``round_features`` and the verification's ``verified_max_abs_diff`` are always recorded.
+            ``round_features``, ``temperature`` and the verification's ``verified_max_abs_diff`` are always
+            recorded.
 
     Verification: the exported graph is run (onnxruntime CPU / ``torch.jit.load``) on seeded random
     images of batch ``batch_size + 1`` and must match the PyTorch logits within :data:`VERIFY_TOLERANCE`
@@ -165,7 +166,7 @@ def export_model(model: DeployModel, path: str | Path, format: ExportFormat, ima
     info: dict[str, object] = dict(metadata or {})
     info.update(format=format, image_size=image_size, num_classes=model.num_classes, input=INPUT_NAME,
                 output=OUTPUT_NAME, logit_shift=None if model.logit_shift is None else model.logit_shift.tolist(),
-                round_features=model.round_features)
+                round_features=model.round_features, temperature=model.temperature)
     try:
         json.dumps(info)
     except TypeError as error:

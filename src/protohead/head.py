@@ -192,7 +192,7 @@ class HeadOptimal(nn.Module):
         ``scores`` (:class:`~protohead.objective.HeadScores`): logits (B, C), distances (B, C, M), abstain logit
         (B,) and the head state the objective reads. ``outputs``: ``uncertainty`` (B,), ``similarities``
         (B, C, M) with unused slots at −inf, ``attention`` (B, C, M, N) when ``return_attention`` (else None),
-        ``winning_prototype`` (B, C). ``labels`` are only validated here.
+        ``winning_prototype`` (B, C), ``ood_score`` (B,) (logit energy). ``labels`` are only validated here.
         """
         img_features = check_head_inputs(pool_features, img_features, labels, self.config.img_feat_dim,
                                          self.config.num_classes, dtype=self.proj[0].weight.dtype)
