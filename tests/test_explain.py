@@ -93,6 +93,28 @@ def test_report_is_self_contained(explained):
     assert "attention weights of that prototype" in text and "grid cell" in text
 
 
+def test_faithfulness_json_and_report_section(explained, loaded_head):
+    path = explained.faithfulness_path
+    assert path == explained.out_dir / "faithfulness.json" and path.is_file()
+    report = json.loads(path.read_text())
+    assert report == explained.faithfulness
+    assert {"deletion_drop_explained", "deletion_drop_random", "deletion_ratio_at_5", "dead_prototype_share",
+            "median_push_similarity", "median_prepush_similarity", "never_pushed", "top_prototype_win_share",
+            "attention_concentration", "evidence_kind", "images", "k"} <= set(report)
+    assert report["k"] == list(range(1, 11)) and report["evidence_kind"] == loaded_head.evidence_kind
+    assert len(report["deletion_drop_explained"]) == len(report["deletion_drop_random"]) == 10
+    assert all(isinstance(v, float) for v in report["deletion_drop_explained"] + report["deletion_drop_random"])
+    from protohead.pipeline import load_data
+
+    test_size = len(load_data(read_run_config(explained.out_dir.parent)).splits["test"].ids)
+    assert report["images"] == test_size and report["never_pushed"] == 0
+    assert 0.0 <= report["dead_prototype_share"] <= 1.0 and len(report["top_prototype_win_share"]) == 7
+    if report["evidence_kind"] == "attention":
+        assert 0.0 < report["attention_concentration"] <= 1.0 + 1e-9
+    text = explained.report.read_text(encoding="utf-8")
+    assert 'id="faithfulness"' in text and "CaBRNet-style perturbation test" in text
+
+
 def test_diagnostics_flag_a_duplicated_prototype(explained, loaded_head):
     head = copy.deepcopy(loaded_head)
     prototypes, valid = head.bank.prototypes.detach().clone(), head.bank.valid

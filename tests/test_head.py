@@ -41,7 +41,7 @@ def test_document_usage_example_runs_verbatim():
     assert uncertainty.shape == (4,) and ((uncertainty >= 0) & (uncertainty <= 1)).all()
     assert info["similarities"].shape == (4, 7, 10)
     assert torch.isinf(info["similarities"][:, :, 5:]).all()  # unused slots masked
-    assert info["attention"].shape == (4, 7, 10, 196)
+    assert info["evidence"].shape == (4, 7, 10, 196)
     simple_head = Head(num_classes=7, emb_dim=384, num_heads=8, img_feat_dim=384)
     logits, loss = simple_head(pool_features, img_features, labels)
     assert logits.shape == (4, 7) and torch.isfinite(loss)

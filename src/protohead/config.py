@@ -36,6 +36,13 @@ class HeadConfig:
     distance: Distance = "cosine"
     temperature: float = 10.0
     learnable_temperature: bool = True
+    # scoring: "pooled" compares the pooled embedding with the (attention-adapted) prototypes (the design
+    # document's block); "patch" scores each prototype on the image's own patch tokens (ProtoPNet): its best
+    # token ("max") or an attention-pooled mixture of tokens weighted by their similarity ("soft"), so the
+    # shown patch is the evidence in the logit. Patch scoring uses no attention block.
+    scoring: Literal["pooled", "patch"] = "pooled"
+    patch_pooling: Literal["max", "soft"] = "max"
+    patch_sharpness: float = 10.0  # soft pooling: w = softmax(sharpness · cos(token, prototype)) over tokens
     # attention
     use_attention: bool = True
     attention_scope: AttentionScope = "auto"
@@ -96,10 +103,18 @@ class HeadConfig:
                    "mixing": ("sequential", "parallel", "auto"),
                    "fusion": ("gate3", "last"), "separation_form": ("margin", "unbounded"),
                    "contrastive_pairs": ("different_class", "all"), "abstention_mode": ("detached", "coupled"),
-                   "cluster_reduction": ("class_mean", "sample_mean")}
+                   "cluster_reduction": ("class_mean", "sample_mean"), "scoring": ("pooled", "patch"),
+                   "patch_pooling": ("max", "soft")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.scoring == "patch" and self.use_attention:
+            raise ValueError("scoring='patch' scores the prototypes on the patch tokens directly and has no "
+                             "attention block: set use_attention=False (or scoring='pooled')")
+        if self.scoring == "patch" and self.patch_pooling == "soft" and self.distance not in ("cosine", "cosine01"):
+            raise ValueError("patch_pooling='soft' needs a cosine distance (cosine or cosine01)")
+        if not 0 < self.patch_sharpness < math.inf:
+            raise ValueError(f"patch_sharpness must be positive and finite, got {self.patch_sharpness}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.cb_beta < 1.0:

@@ -19,7 +19,7 @@ from protohead.attention import MixedAttentionBlock
 from protohead.bank import PrototypeBank
 from protohead.config import HeadConfig, preset_config
 from protohead.objective import HeadScores, PrototypeObjective, scalar_terms
-from protohead.similarity import masked_max, prototype_similarity
+from protohead.similarity import masked_max, patch_similarity, prototype_similarity
 from protohead.validation import check_head_inputs
 
 ABSTENTION_HIDDEN = 64  # width of the detached abstention head's hidden layer
@@ -42,7 +42,7 @@ class HeadOptimal(nn.Module):
       outputs come from :meth:`score`;
     - without labels (inference, eval mode only): ``loss`` is ``None`` and ``info`` holds ``uncertainty``
       (B,), ``probabilities`` (B, C), ``similarities`` (B, C, M) with unused slots at −inf,
-      ``attention`` (B, C, M, N) head-averaged cross-attention weights (None without attention),
+      ``evidence`` (B, C, M, N) the per-token evidence map of each prototype (:attr:`evidence_kind`),
       ``winning_prototype`` (B, C), ``ood_score`` (B,): the energy −logsumexp of the logits (each logit is
       T × the best prototype similarity of its class), higher = further from every prototype.
     Without labels in training mode it raises ``ValueError`` (it never returns a silent zero loss).
@@ -62,7 +62,8 @@ class HeadOptimal(nn.Module):
         dim = config.emb_dim
         self.proj = nn.Sequential(nn.Linear(config.img_feat_dim, dim), nn.LayerNorm(dim), nn.Dropout(config.dropout))
         self.bank = PrototypeBank(config.num_classes, config.max_prototypes, dim, config.num_prototypes,
-                                  normalized=config.distance in ("cosine", "cosine01"))
+                                  normalized=config.distance in ("cosine", "cosine01"),
+                                  source_dim=config.img_feat_dim)
         self.attention = (MixedAttentionBlock(dim, config.num_heads, config.dropout, config.ffn_ratio, config.fusion)
                           if config.use_attention else None)
         log_temperature = torch.tensor(math.log(config.temperature))
@@ -129,6 +130,16 @@ class HeadOptimal(nn.Module):
         return self.log_temperature.exp()
 
     @property
+    def evidence_kind(self) -> str | None:
+        """What ``evidence`` (B, C, M, N) holds: ``similarity`` (patch scoring: each token's similarity to the
+        prototype, on the similarity's absolute scale; the score is its maximum or soft-pooled mixture),
+        ``attention`` (pooled scoring with attention: head-averaged cross-attention weights, uniform = 1/N;
+        they shape the adapted prototype but the logit compares the pooled embedding) or None."""
+        if self.config.scoring == "patch":
+            return "similarity"
+        return "attention" if self.attention is not None else None
+
+    @property
     def valid_mask(self) -> torch.Tensor:
         return self.bank.valid
 
@@ -136,6 +147,14 @@ class HeadOptimal(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Backbone features (..., F) → the prototypes' space (..., D) (projection, LayerNorm, dropout)."""
         return self.proj(features)
+
+    def project_exactly(self, features: torch.Tensor) -> torch.Tensor:
+        """:meth:`project` without dropout, whatever the mode: how an anchored prototype's source is seen."""
+        return self.proj[1](self.proj[0](features))
+
+    def prototype_vectors(self) -> torch.Tensor:
+        """(C, M, D) the prototypes the head scores (the bank's, or its anchored source patches projected)."""
+        return self.bank.vectors(self.project_exactly)
 
     def embed(self, pool_features: torch.Tensor, img_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project tokens (B, N, F) and pooled vector (B, F) → ((B, N, D), (B, D))."""
@@ -145,6 +164,10 @@ class HeadOptimal(nn.Module):
                 scope: str, return_weights: bool, context: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(C', M, D) bank chunk → similarity, distance (B, C', M) and optional attention (B, C', M, N)."""
+        if self.config.scoring == "patch":
+            sim, dist, token_map = patch_similarity(tokens, prototypes, self.config.distance,
+                                                    self.config.patch_pooling, self.config.patch_sharpness)
+            return sim, dist, token_map if return_weights else None
         if self.attention is None:
             sim, dist = prototype_similarity(embedding, prototypes, self.config.distance)
             return sim, dist, None
@@ -163,7 +186,7 @@ class HeadOptimal(nn.Module):
         are more than ``checkpoint_chunk_slots`` slots, classes are processed in chunks, activation-
         checkpointed when training, so memory stays bounded at large C.
         """
-        prototypes, valid = self.bank.prototypes, self.bank.valid
+        prototypes, valid = self.prototype_vectors(), self.bank.valid
         scope = self.config.resolved_attention_scope()
         context = None
         if self.attention is not None and self.config.resolved_mixing() == "parallel":
@@ -191,7 +214,8 @@ class HeadOptimal(nn.Module):
 
         ``scores`` (:class:`~protohead.objective.HeadScores`): logits (B, C), distances (B, C, M), abstain logit
         (B,) and the head state the objective reads. ``outputs``: ``uncertainty`` (B,), ``similarities``
-        (B, C, M) with unused slots at −inf, ``attention`` (B, C, M, N) when ``return_attention`` (else None),
+        (B, C, M) with unused slots at −inf, ``evidence`` (B, C, M, N) when ``return_attention`` (else None; see
+        :attr:`evidence_kind`),
         ``winning_prototype`` (B, C), ``ood_score`` (B,) (logit energy). ``labels`` are only validated here.
         """
         img_features = check_head_inputs(pool_features, img_features, labels, self.config.img_feat_dim,
@@ -214,13 +238,13 @@ class HeadOptimal(nn.Module):
             uncertainty = losses.abstention_probability(class_scores, abstain_logit)
         else:
             uncertainty = 1.0 - logits.softmax(dim=-1).amax(dim=-1)
-        state = {"prototypes": self.bank.prototypes, "valid": valid, "class_counts": self.class_counts,
+        state = {"prototypes": self.prototype_vectors(), "valid": valid, "class_counts": self.class_counts,
                  "temperature": temperature}
         if self.config.use_uncertainty_weighting:
             state["log_sigma"] = self.log_sigma
         outputs = {"uncertainty": uncertainty.detach(), "ood_score": -torch.logsumexp(logits.detach(), dim=-1),
                    "similarities": sim.detach().masked_fill(~valid, float("-inf")),
-                   "attention": None if attention is None else attention.detach(), "winning_prototype": winner}
+                   "evidence": None if attention is None else attention.detach(), "winning_prototype": winner}
         return HeadScores(logits, dist, abstain_logit, state), outputs
 
     def forward(self, pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None = None

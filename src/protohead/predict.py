@@ -32,7 +32,8 @@ class PrototypeEvidence:
     Attributes:
         class_name, slot: the prototype. similarity: its score for this image (what the logit uses).
         source_id, source_token: the training image and token it was pushed onto (None if never pushed).
-        evidence: (h, w) cross-attention of the prototype over this image's token grid (sums to 1), or None.
+        evidence: (h, w) map of the prototype over this image's token grid (the head's ``evidence_kind``: each token's
+            similarity for patch scoring, cross-attention weights summing to 1 for attention heads), or None.
     """
 
     class_name: str
@@ -137,12 +138,12 @@ class RunPredictor:
     @torch.no_grad()
     def outputs(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """Batched head outputs: ``probabilities`` (n, C) and ``uncertainty`` (n,) after τ, plus the raw
-        ``similarities`` (n, C, M) and ``attention`` (n, C, M, N) of prototype heads."""
+        ``similarities`` (n, C, M) and ``evidence`` (n, C, M, N) of prototype heads."""
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(images), self.batch_size):
             tokens, pooled = self.features(images[start:start + self.batch_size])
             _, _, info = self.loaded.model(tokens, pooled)
-            for key in ("probabilities", "uncertainty", "ood_score", "similarities", "attention"):
+            for key in ("probabilities", "uncertainty", "ood_score", "similarities", "evidence"):
                 if info.get(key) is not None:
                     parts.setdefault(key, []).append(info[key].double().numpy())
         result = {key: np.concatenate(values) for key, values in parts.items()}
@@ -214,8 +215,8 @@ class RunPredictor:
             if image_index >= 0 and self.train_ids is not None and image_index < len(self.train_ids):
                 source_id = self.train_ids[image_index]
             evidence = None
-            if "attention" in out:
-                weights = out["attention"][i, c, slot]
+            if "evidence" in out:
+                weights = out["evidence"][i, c, slot]
                 evidence = weights.reshape(grid_shape(weights.size))
             cited.append(PrototypeEvidence(self.class_names[c], slot, float(similarity), source_id,
                                            int(head.push_token[c, slot]) if image_index >= 0 else None, evidence))
@@ -236,9 +237,10 @@ class RunPredictor:
                              for key, record in runfolder.read_prototype_sources(self.loaded.run_dir).items()}
         array = read_image(item, self.loaded.config.max_image_pixels)
         out = self.outputs([array])
-        attention = out.get("attention")
+        evidence = out.get("evidence")
         prediction = ImagePrediction(out["probabilities"][0], float(out["uncertainty"][0]), out["similarities"][0],
-                                     None if attention is None else attention[0])
+                                     None if evidence is None else evidence[0], self.head.evidence_kind,
+                                     self.head.config.distance)
         grid = grid_shape(self.backbone.num_tokens)
         label = name or (Path(item).stem if isinstance(item, str | os.PathLike) else "image")
         return plot_explanation(array, label, None, self.class_names, prediction, self._sources, grid,

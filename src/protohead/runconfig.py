@@ -43,6 +43,10 @@ class RunConfig:
     push_every: int = 5  # epochs between pushes; 0 disables push
     expand_every: int = 5  # epochs between expansion checks; 0 disables expansion
     expand_min_fraction: float = 0.2  # expand a class when this share of its samples is poorly covered
+    reseed_dead: bool = True  # at each push, move prototypes that win no training image onto a real patch
+    final_push: bool = True  # after training, push the selected checkpoint's prototypes and remove dead ones
+    anchored_epochs: int = 3  # patch scoring: epochs training the rest of the head with prototypes anchored
+    anchored_lr: float = 3e-4  # learning rate of that phase (cosine decay, no warm-up)
     finetune: bool = False  # train the backbone end to end (no feature cache)
     backbone_lr: float = 1e-4
     finetune_image_size: int = 160
@@ -135,6 +139,8 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "push_every": (lambda v: v >= 0, "push_every must be ≥ 0 (0 disables push)"),
     "expand_every": (lambda v: v >= 0, "expand_every must be ≥ 0 (0 disables expansion)"),
     "expand_min_fraction": (lambda v: 0 < v <= 1, "expand_min_fraction must be in (0, 1]"),
+    "anchored_epochs": (lambda v: v >= 0, "anchored_epochs must be ≥ 0 (0: no training after the final push)"),
+    "anchored_lr": (lambda v: _finite(v) and v > 0, "learning rates must be positive and finite"),
     "posthoc_tau": (lambda v: v == "auto" or (_finite(v) and v >= 0), "posthoc_tau must be 'auto' or finite and ≥ 0"),
     "posthoc_accuracy_tolerance": (lambda v: 0 <= v <= 1, "posthoc_accuracy_tolerance must be in [0, 1]"),
     "max_image_pixels": (lambda v: v >= 1, "max_image_pixels must be ≥ 1 (width × height of the largest image)"),

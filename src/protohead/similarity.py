@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from protohead.losses.masked import masked_max, masked_min
 
-__all__ = ["masked_max", "masked_min", "prototype_similarity"]
+__all__ = ["masked_max", "masked_min", "paired_similarity", "patch_similarity", "prototype_similarity",
+           "token_similarity"]
 
 
 def prototype_similarity(embedding: torch.Tensor, prototypes: torch.Tensor,
@@ -64,4 +65,73 @@ def _shared_similarity(embedding: torch.Tensor, prototypes: torch.Tensor, distan
         if distance == "l2":
             return -dist, dist
         return torch.log((dist + 1.0) / (dist + 1e-4)), dist
+    raise ValueError(f"unknown distance {distance!r}; choose cosine, cosine01, l2 or log_activation")
+
+
+def token_similarity(tokens: torch.Tensor, prototypes: torch.Tensor, distance: str = "cosine"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarity and distance of every patch token to every prototype (the prototypes are shared).
+
+    Args:
+        tokens: (B, N, D) projected patch tokens.
+        prototypes: (C, M, D).
+        distance: as for :func:`prototype_similarity`.
+
+    Returns:
+        (similarity, distance), each (B, C, M, N).
+    """
+    batch, num_tokens, dim = tokens.shape
+    sim, dist = _shared_similarity(tokens.reshape(batch * num_tokens, dim), prototypes, distance)  # (B·N, C, M)
+    shape = (batch, *prototypes.shape[:2], num_tokens)
+    return (sim.reshape(batch, num_tokens, -1).transpose(1, 2).reshape(shape),
+            dist.reshape(batch, num_tokens, -1).transpose(1, 2).reshape(shape))
+
+
+def patch_similarity(tokens: torch.Tensor, prototypes: torch.Tensor, distance: str = "cosine",
+                     pooling: str = "max", sharpness: float = 10.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patch-grounded similarity: each prototype is scored against the sample's own patch tokens.
+
+    - ``max`` (ProtoPNet): the prototype's similarity to its best-matching token; the evidence is exactly
+      that token.
+    - ``soft``: the similarity to an attention-pooled mixture of the tokens, ``Σₙ wₙ tₙ`` with
+      ``w = softmax(sharpness · sₙ)`` over the tokens' own similarities ``sₙ`` (cosine: a mixture of the
+      unit tokens, so its cosine is ``Σ wₙ sₙ / ‖Σ wₙ t̂ₙ‖``); the evidence is the weight map ``w``.
+      ``sharpness → ∞`` gives ``max``.
+
+    Args:
+        tokens: (B, N, D) projected patch tokens.
+        prototypes: (C, M, D).
+
+    Returns:
+        (similarity (B, C, M), distance (B, C, M), per-token similarity map (B, C, M, N)). The map is on the
+        similarity's own absolute scale; the score is its maximum (``max``) or its ``w``-weighted mixture.
+    """
+    sim, dist = token_similarity(tokens, prototypes, distance)
+    if pooling == "max":
+        return sim.amax(dim=-1), dist.amin(dim=-1), sim
+    if pooling != "soft":
+        raise ValueError(f"unknown patch pooling {pooling!r}; choose max or soft")
+    if distance not in ("cosine", "cosine01"):
+        raise ValueError("soft patch pooling is defined for cosine similarity only")
+    cosine = sim if distance == "cosine" else 2.0 * sim - 1.0
+    weights = (sharpness * cosine).softmax(dim=-1)  # (B, C, M, N)
+    unit = F.normalize(tokens, dim=-1)
+    gram = unit @ unit.transpose(1, 2)  # (B, N, N)
+    batch, num_classes, max_slots, num_tokens = weights.shape
+    flat = weights.reshape(batch, -1, num_tokens)  # (B, P, N)
+    squared_norm = ((flat @ gram) * flat).sum(dim=-1).reshape(batch, num_classes, max_slots)
+    pooled = (weights * cosine).sum(dim=-1) / squared_norm.clamp_min(1e-12).sqrt()
+    pooled = pooled if distance == "cosine" else (pooled + 1.0) / 2.0
+    return pooled, 1.0 - pooled, sim
+
+
+def paired_similarity(first: torch.Tensor, second: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
+    """Similarity of each vector in ``first`` (..., D) to the matching one in ``second`` (..., D) → (...)."""
+    if distance in ("cosine", "cosine01"):
+        sim = (F.normalize(first, dim=-1) * F.normalize(second, dim=-1)).sum(dim=-1)
+        return sim if distance == "cosine" else (sim + 1.0) / 2.0
+    if distance in ("l2", "log_activation"):
+        dist = (first - second).pow(2).sum(dim=-1) / first.shape[-1]
+        return -dist if distance == "l2" else torch.log((dist + 1.0) / (dist + 1e-4))
     raise ValueError(f"unknown distance {distance!r}; choose cosine, cosine01, l2 or log_activation")

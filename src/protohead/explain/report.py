@@ -63,7 +63,8 @@ def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
 
 def render_report(title: str, summary: Mapping[str, Any], metrics: Mapping[str, Any] | None,
                   run_plots: Sequence[tuple[Path, str]], galleries: Sequence[tuple[str, Path]],
-                  explanations: Sequence[tuple[str, Path]], diagnostics: Mapping[str, Any]) -> str:
+                  explanations: Sequence[tuple[str, Path]], diagnostics: Mapping[str, Any],
+                  faithfulness: Mapping[str, Any] | None = None) -> str:
     """The report as one HTML string (images inlined).
 
     Args:
@@ -74,11 +75,13 @@ def render_report(title: str, summary: Mapping[str, Any], metrics: Mapping[str, 
         galleries: (class name, gallery PNG path).
         explanations: (image id, explanation PNG path).
         diagnostics: the ``diagnostics.json`` content (purity, near_duplicates, dead_prototypes, push_records).
+        faithfulness: the ``faithfulness.json`` content (deletion test and prototype statistics), or None.
     """
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{_esc(title)}</h1>",
              '<nav><a href="#metrics">Metrics</a><a href="#reading">How to read</a><a href="#gallery">Gallery</a>'
-             '<a href="#explanations">Explanations</a><a href="#diagnostics">Diagnostics</a></nav>',
+             '<a href="#explanations">Explanations</a><a href="#diagnostics">Diagnostics</a>'
+             + ('<a href="#faithfulness">Faithfulness</a>' if faithfulness else "") + "</nav>",
              _table(None, [(k, v) for k, v in summary.items()])]
 
     parts.append('<h2 id="metrics">Test metrics</h2>')
@@ -93,10 +96,16 @@ def render_report(title: str, summary: Mapping[str, Any], metrics: Mapping[str, 
         parts.append('<div class="plots">' + "".join(_figure(p, c) for p, c in run_plots) + "</div>")
 
     parts.append('<h2 id="reading">How to read the pictures</h2><div class="note"><ul>'
-                 "<li><b>Heat map</b>: the attention weights of that prototype over the image's patch tokens "
-                 "(cross-attention, averaged over heads), upsampled bilinearly from the token grid to the image "
-                 "size. Colours run from the map's smallest weight (blue) to its largest (red); the title gives that "
-                 "range next to the uniform weight 1/N, so a nearly uniform map still shows colour.</li>"
+                 "<li><b>Heat map</b>: that prototype's own evidence over the image's patch tokens, upsampled "
+                 "bilinearly from the token grid to the image size, on an absolute colour scale (the colour bar "
+                 "beside it). What it shows depends on the head: <i>patch-scored heads</i> show each token's "
+                 "similarity to the prototype (cosine, scale 0–1; the prototype's score is the map's maximum, marked "
+                 "on the colour bar), so the hot spot is the evidence the logit uses; <i>pooled heads with "
+                 "attention</i> show the attention weights of that prototype over the tokens (cross-attention, "
+                 "averaged over heads; they sum to 1), on a scale from 0 to at least 2/N with the uniform weight "
+                 "1/N marked on the colour bar: a map close to 1/N everywhere is nearly uniform, and these weights "
+                 "only shape the adapted prototype, while the logit compares the pooled image embedding. Heads "
+                 "without either draw no map.</li>"
                  "<li><b>Box</b>: the grid cell of the token the prototype was last pushed toward, mapped back to "
                  "the original image. The token's effective receptive field is larger than its cell.</li>"
                  "<li><b>Similarity</b> in the gallery: recorded at the prototype's last push; in explanations: the "
@@ -114,6 +123,9 @@ def render_report(title: str, summary: Mapping[str, Any], metrics: Mapping[str, 
 
     parts.append('<h2 id="diagnostics">Prototype diagnostics</h2>')
     parts.append(_diagnostics_html(diagnostics))
+    if faithfulness:
+        parts.append('<h2 id="faithfulness">Faithfulness</h2>')
+        parts.append(_faithfulness_html(faithfulness))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -159,6 +171,36 @@ def _diagnostics_html(diagnostics: Mapping[str, Any]) -> str:
     if rows:
         out.append(_table(("class", "slot", "purity", "val wins", "val wins (own class)", "source image",
                            "token", "push similarity"), rows))
+    return "\n".join(out)
+
+
+FAITHFULNESS_SCALARS = (
+    ("evidence_kind", "evidence map kind"), ("images", "test images in the deletion test"),
+    ("deletion_ratio_at_5", "explained / random drop at k = 5"),
+    ("attention_concentration", "attention concentration: mean entropy / log N (1 = uniform)"),
+    ("dead_prototype_share", "dead prototype share (no training image of their class won)"),
+    ("median_push_similarity", "median push similarity"), ("median_prepush_similarity", "median pre-push similarity"),
+    ("never_pushed", "valid prototypes never pushed"))
+
+
+def _faithfulness_html(faithfulness: Mapping[str, Any]) -> str:
+    out = ["<p>Deletion test (a CaBRNet-style perturbation test): for each test image, the top-k tokens of the "
+           "predicted class's winning prototype's evidence map are replaced by the image's mean token (in the "
+           "backbone's feature space, pooled vector unchanged) and the drop of the predicted class's logit is "
+           "recorded, next to the drop when k random tokens are replaced; a faithful map makes the explained drop "
+           "larger than the random one.</p>"]
+    explained, random = faithfulness.get("deletion_drop_explained"), faithfulness.get("deletion_drop_random")
+    if explained and random:
+        out.append(_table(("k", "explained drop", "random drop"),
+                          list(zip(faithfulness.get("k", range(1, len(explained) + 1)), explained, random,
+                                   strict=False))))
+    else:
+        out.append("<p>No deletion test: this head gives no per-token evidence map.</p>")
+    out.append(_table(("measure", "value"), [(label, faithfulness.get(key)) for key, label in FAITHFULNESS_SCALARS]))
+    shares = faithfulness.get("top_prototype_win_share") or {}
+    if shares:
+        out.append("<p>Share of each class's training images won by its most-winning prototype:</p>"
+                   + _table(("class", "top prototype win share"), list(shares.items())))
     return "\n".join(out)
 
 

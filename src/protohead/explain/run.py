@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from protohead.atomic import write_text_atomic
 from protohead.explain.diagnostics import (
     dead_prototypes,
     near_duplicates,
@@ -26,6 +27,7 @@ from protohead.explain.explanations import (
     resolve_image_ids,
     select_images,
 )
+from protohead.explain.faithfulness import faithfulness_report
 from protohead.explain.gallery import PrototypeSource, grid_shape, plot_gallery, safe_name
 from protohead.explain.report import RUN_PLOTS, render_report, write_html
 
@@ -41,6 +43,8 @@ class ExplainResult:
     explanations: dict[str, Path] = field(default_factory=dict)  # test image id → PNG
     diagnostics: dict[str, Any] = field(default_factory=dict)
     gallery_prototypes: dict[str, int] = field(default_factory=dict)  # class name → prototypes shown
+    faithfulness_path: Path | None = None  # faithfulness.json
+    faithfulness: dict[str, Any] = field(default_factory=dict)  # its content (deletion test, prototype statistics)
 
 
 def read_run_config(run_dir: str | Path) -> Any:
@@ -73,7 +77,7 @@ def _outputs(model: torch.nn.Module, split: Any, indices: Sequence[int], batch_s
     from protohead.model import uncertainty_rule
     from protohead.posthoc import final_outputs
 
-    keys = ["probabilities", "uncertainty", "winning_prototype"] + (["similarities", "attention"] if keep_maps else [])
+    keys = ["probabilities", "uncertainty", "winning_prototype"] + (["similarities", "evidence"] if keep_maps else [])
     parts: dict[str, list[np.ndarray]] = {key: [] for key in keys}
     order = torch.as_tensor(list(indices), dtype=torch.long)
     for start in range(0, len(order), batch_size):
@@ -97,7 +101,7 @@ def _train_batches(split: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, 
 
 
 def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: int = 50, count: int = 6,
-                duplicate_threshold: float = 0.95) -> ExplainResult:
+                duplicate_threshold: float = 0.95, faithfulness_images: int | None = None) -> ExplainResult:
     """Write galleries, explanations, diagnostics and ``report.html`` for a finished run.
 
     Args:
@@ -107,6 +111,8 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
         k: neighbours for purity.
         count: number of default images.
         duplicate_threshold: cosine above which two prototypes are near-duplicates.
+        faithfulness_images: test images for the deletion test of ``faithfulness.json`` (default: all; fewer:
+            a seeded random subset of that size).
 
     Returns:
         the written paths and the diagnostics.
@@ -160,6 +166,16 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
     diagnostics_path = out_dir / "diagnostics.json"
     write_json(diagnostics_path, diagnostics)
 
+    # faithfulness (deletion test on the test split, prototype statistics on the training split) ----------------
+    faithful_indices = None
+    if faithfulness_images is not None and faithfulness_images < test_split.size:
+        rng = np.random.default_rng(config.seed)
+        faithful_indices = sorted(rng.choice(test_split.size, max(0, faithfulness_images), replace=False).tolist())
+    faithfulness = faithfulness_report(model, test_split, faithful_indices, batch_size, data.splits["train"],
+                                       names, seed=config.seed)
+    faithfulness_path = write_text_atomic(out_dir / "faithfulness.json",
+                                          json.dumps(faithfulness, indent=2, allow_nan=False) + "\n")
+
     # token grid -------------------------------------------------------------------------------------
     tokens, _, _ = test_split.fetch(torch.zeros(1, dtype=torch.long), False)
     grid = grid_shape(tokens.shape[1])
@@ -176,7 +192,8 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
 
     # galleries --------------------------------------------------------------------------------------
     all_wins, own_wins = win_counts(val["winning_prototype"], valid, val_split.labels)
-    result = ExplainResult(out_dir, out_dir / "report.html", diagnostics_path, diagnostics=diagnostics)
+    result = ExplainResult(out_dir, out_dir / "report.html", diagnostics_path, diagnostics=diagnostics,
+                           faithfulness_path=faithfulness_path, faithfulness=faithfulness)
     for c, name in enumerate(names):
         slots = valid[c].nonzero().flatten().tolist()
         entries = [PrototypeSource(s, sources[(c, s)].image, sources[(c, s)].image_id, sources[(c, s)].token,
@@ -197,7 +214,8 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
     for row, index in enumerate(chosen):
         prediction = ImagePrediction(outputs["probabilities"][row], float(outputs["uncertainty"][row]),
                                      outputs["similarities"][row],
-                                     outputs["attention"][row] if "attention" in outputs else None)
+                                     outputs["evidence"][row] if "evidence" in outputs else None,
+                                     head.evidence_kind, head.config.distance)
         image_id = test_ids[index]
         result.explanations[image_id] = plot_explanation(
             image_split.load(index), image_id, int(test_split.labels[index]), names, prediction, sources, grid,
@@ -216,6 +234,7 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
                "valid prototypes": int(valid.sum())}
     plots = [(run_dir / name, caption) for name, caption in RUN_PLOTS if (run_dir / name).is_file()]
     text = render_report(f"protohead explain: {config.preset} on {Path(config.data).name}", summary, metrics, plots,
-                         list(result.galleries.items()), list(result.explanations.items()), diagnostics)
+                         list(result.galleries.items()), list(result.explanations.items()), diagnostics,
+                         faithfulness=faithfulness)
     write_html(result.report, text)
     return result

@@ -25,7 +25,13 @@ from protohead.posthoc import adjust_probabilities, balanced_accuracy, choose_pr
 from protohead.runconfig import RunConfig
 from protohead.training import distributed
 from protohead.training.checkpoint import load_checkpoint, save_checkpoint
-from protohead.training.prototypes import expand_prototypes, push_prototypes
+from protohead.training.prototypes import (
+    expand_prototypes,
+    final_push,
+    prune_dead_prototypes,
+    push_prototypes,
+    reseed_dead_prototypes,
+)
 
 Inputs = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """inputs(indices (B,), train) → (tokens (B, N, F), pooled (B, F), labels (B,))."""
@@ -153,13 +159,22 @@ class Trainer:
                 yield indices, tokens, pooled, labels
         return generate
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer | None = None,
+                    schedule: Callable[[int], float] | None = None) -> dict[str, float]:
+        """One pass over the training split in a seeded order. ``optimizer`` (default the trainer's) and
+        ``schedule`` (step → learning-rate factor; default warm-up + cosine over ``epochs``) serve the
+        anchored phase after the final push."""
         config, model = self.config, self.model
+        optimizer = optimizer or self.optimizer
+        if schedule is None:
+            total_steps = config.epochs * self.steps_per_epoch
+            warmup = config.warmup_epochs * self.steps_per_epoch
+
+            def schedule(step: int) -> float:
+                return lr_factor(step, total_steps, warmup)
         model.train()
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         order = torch.randperm(self.train_split.size, generator=generator)
-        total_steps = config.epochs * self.steps_per_epoch
-        warmup = config.warmup_epochs * self.steps_per_epoch
         sums: dict[str, torch.Tensor] = {}
         nonzero: dict[str, torch.Tensor] = {}
         largest_grad_norm = torch.zeros(())
@@ -170,19 +185,19 @@ class Trainer:
                    disable=not config.progress, leave=False)
         for i, indices in enumerate(bar):
             step = epoch * self.steps_per_epoch + i
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, total_steps, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * schedule(step)
             tokens, pooled, labels = self.train_split.fetch(distributed.shard(indices), True)
             scores, _ = model.score(tokens, pooled, labels)
             global_labels = labels if self.gather is None else self.gather(labels)
             loss, terms = model.objective(scores.gathered(self.gather), global_labels)
             info = scalar_terms(terms)
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(self.parameters)
             info = {**info, "grad_norm": torch.nn.utils.clip_grad_norm_(self.parameters, float("inf"))}
-            check_finite_step(loss, info, epoch, i, self.optimizer.param_groups[0]["lr"], self.last_path)
-            self.optimizer.step()
+            check_finite_step(loss, info, epoch, i, optimizer.param_groups[0]["lr"], self.last_path)
+            optimizer.step()
             for name, value in info.items():
                 if isinstance(value, torch.Tensor) and value.dim() == 0:
                     sums[name] = sums.get(name, 0) + value
@@ -228,6 +243,8 @@ class Trainer:
                 last_epoch = epoch + 1 == config.epochs
                 if config.push_every and (epoch + 1) % config.push_every == 0:
                     record["pushed"] = push_prototypes(self.head, self._push_batches())
+                    if config.reseed_dead:
+                        record["reseeded"] = reseed_dead_prototypes(self.head, self._push_batches(), self.optimizer)
                 if config.expand_every and (epoch + 1) % config.expand_every == 0 and not last_epoch:
                     added = expand_prototypes(self.head, self._push_batches(), config.expand_min_fraction,
                                               self.optimizer)
@@ -251,10 +268,79 @@ class Trainer:
                 save_checkpoint(self.last_path, self.model, self.optimizer,
                                 metadata={**self.metadata, "epoch": epoch, "history": self.history, "best": self.best})
             distributed.barrier()
+        self.finish_prototypes()
         rank, world = distributed.rank_and_world()
         if world > 1 and rank > 0:  # for verification: every other rank's final state beside rank 0's
             save_checkpoint(self.checkpoints / f"last.rank{rank}.safetensors", self.model)
         return {"history": self.history, "best": self.best}
+
+
+    def finish_prototypes(self) -> None:
+        """The final push (ProtoPNet / CaBRNet convention) on the *selected* checkpoint: every prototype onto its
+        source patch (see :func:`~protohead.training.prototypes.final_push`), dead ones removed, then τ chosen again
+        on validation and ``best.safetensors`` rewritten, so the selected model's logits come from exactly the
+        pushed vectors. Recorded in ``best["final_push"]`` with the validation scores before it."""
+        config = self.config
+        if (self.head is None or not config.final_push or self.best["epoch"] < 0
+                or "final_push" in self.best):
+            return
+        load_checkpoint(self.best_path, self.model)
+        before = {key: self.best[key] for key in ("val_accuracy", "val_balanced_accuracy", "posthoc_tau")}
+        report = final_push(self.head, self._push_batches())
+        scores = self.validate()
+        report["after_push"] = {key: scores[key] for key in before}
+        if self.head.bank.anchored and config.anchored_epochs:
+            scores, report["anchored"] = self.train_anchored(scores)
+            report["pruned"] += prune_dead_prototypes(self.head, self._push_batches())
+        self.best = {**self.best, **{key: scores[key] for key in before},
+                     "final_push": {**report, "before": before}}
+        if distributed.is_main():
+            save_checkpoint(self.best_path, self.model,
+                            metadata={**self.metadata, "epoch": self.best["epoch"], "best": self.best})
+            if config.progress:
+                tqdm_write(f"final push: {report['pushed']} prototypes onto their source patches, "
+                           f"{len(report['pruned'])} dead removed; val acc {before['val_accuracy']:.4f} → "
+                           f"{scores['val_accuracy']:.4f}, val bal acc {before['val_balanced_accuracy']:.4f} → "
+                           f"{scores['val_balanced_accuracy']:.4f}")
+        distributed.barrier()
+
+
+    def train_anchored(self, scores: dict[str, float]) -> tuple[dict[str, float], list[dict[str, float]]]:
+        """ProtoPNet's last phase for this head: with every prototype anchored to its source patch, train the rest
+        of the head (projection, temperature, …) for ``anchored_epochs`` at ``anchored_lr`` (cosine decay), keep
+        the state with the best validation balanced accuracy (after τ; the pushed state itself included), and
+        return its scores and the per-epoch validation record."""
+        import copy
+
+        config = self.config
+        params = [p for name, p in self.model.named_parameters() if p.requires_grad and "bank.prototypes" not in name]
+        optimizer = torch.optim.AdamW(params, lr=config.anchored_lr, weight_decay=config.weight_decay)
+        for group in optimizer.param_groups:
+            group["base_lr"] = group["lr"]
+        total = config.anchored_epochs * self.steps_per_epoch
+        best_scores, best_state = scores, copy.deepcopy(self.model.state_dict())
+        records = []
+        start = config.epochs * self.steps_per_epoch  # the anchored epochs are numbered after the training ones
+
+        def schedule(step: int) -> float:
+            return lr_factor(step - start, total, 0)
+
+        for epoch in range(config.anchored_epochs):
+            stats = self.train_epoch(config.epochs + epoch, optimizer, schedule)
+            self.head.bank.sync_anchored(self.head.project_exactly)
+            current = self.validate()
+            records.append({"loss/total": stats.get("loss/total", float("nan")),
+                            **{key: current[key] for key in ("val_accuracy", "val_balanced_accuracy", "posthoc_tau")}})
+            if current["val_balanced_accuracy"] > best_scores["val_balanced_accuracy"]:
+                best_scores, best_state = current, copy.deepcopy(self.model.state_dict())
+        self.model.load_state_dict(best_state)
+        return best_scores, records
+
+
+def tqdm_write(line: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
 
 
 LOG_COLUMNS = ("epoch", "loss/total", "val_accuracy", "val_balanced_accuracy", "posthoc_tau",
