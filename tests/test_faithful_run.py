@@ -36,7 +36,7 @@ def test_selected_prototypes_score_their_source_patch_with_their_push_similarity
     head = loaded.model.eval()
     best = json.loads((patch_run / "history.json").read_text())["best"]
     assert "final_push" in best and best["final_push"]["pushed"] > 0
-    assert bool(head.bank.anchored)
+    assert bool(head.bank.anchored) and head.bank.is_anchored
     valid = head.bank.valid
     assert int((head.push_image[valid] < 0).sum()) == 0  # never_pushed = 0 in the selected checkpoint
     train = prepare(loaded.config).splits["train"]

@@ -49,6 +49,7 @@ class PrototypeBank(nn.Module):
         # anchoring (final push with patch scoring): the scored prototype is project(source feature)
         self.register_buffer("source_features", torch.zeros(num_classes, max_prototypes, source_dim))
         self.register_buffer("anchored", torch.zeros((), dtype=torch.bool))
+        self.is_anchored = False  # mirrors the buffer on the host: scoring never reads a tensor value (tracing)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         if prefix + "push_image" in state_dict and prefix + "prepush_similarity" not in state_dict:
@@ -58,6 +59,8 @@ class PrototypeBank(nn.Module):
             state_dict[prefix + "source_features"] = torch.zeros_like(self.source_features)
             state_dict[prefix + "anchored"] = torch.zeros((), dtype=torch.bool)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        if prefix + "anchored" in state_dict:
+            self.is_anchored = bool(state_dict[prefix + "anchored"])
 
     @property
     def num_classes(self) -> int:
@@ -76,7 +79,7 @@ class PrototypeBank(nn.Module):
     def vectors(self, project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """(C, M, D) the prototypes to score: the parameter, or once anchored ``project(source_features)``
         (normalised for a cosine bank), so the prototype is exactly its source patch as the head now sees it."""
-        if not bool(self.anchored):
+        if not self.is_anchored:
             return self.prototypes
         projected = project(self.source_features)
         return F.normalize(projected, dim=-1) if self.normalized else projected
@@ -93,12 +96,13 @@ class PrototypeBank(nn.Module):
             raise ValueError("every valid prototype needs a push source before the bank can be anchored")
         self.source_features.copy_(torch.where(valid[..., None], features, torch.zeros_like(features)))
         self.anchored.fill_(True)
+        self.is_anchored = True
         self.sync_anchored(project)
 
     @torch.no_grad()
     def sync_anchored(self, project: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Copy the anchored vectors into the parameter (so readers of ``prototypes`` see what is scored)."""
-        if bool(self.anchored):
+        if self.is_anchored:
             self.prototypes.copy_(torch.where(self.valid[..., None], self.vectors(project), self.prototypes))
 
     @torch.no_grad()

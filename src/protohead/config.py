@@ -174,6 +174,8 @@ class HeadConfig:
         return cls(**data)
 
 
+_PATCH_SCORING = {"scoring": "patch", "use_attention": False}
+
 _NO_PROTO_EXTRAS = {"div_scale": 0.0, "contrastive_scale": 0.0, "orth_scale": 0.0,
                     "use_uncertainty_weighting": False}
 
@@ -185,15 +187,19 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                   "cluster", {"use_class_balanced": True, "cb_beta": 0.9999}),
     "uncertainty": ("§7.4 uncertainty: basic + abstention learned beside the classifier (detached "
                     "virtual-prediction NLL, λ = 0.7)", {"use_abstention": True, "abstention_scale": 0.7}),
-    "protopnet": ("ProtoPNet (Chen et al. 2019): CE + cluster 0.8 (plain sample mean) + unbounded separation "
-                  "(coefficient −0.08), L2 log-activation, no extra prototype losses",
-                  {**_NO_PROTO_EXTRAS, "distance": "log_activation", "separation_form": "unbounded",
-                   "sep_scale": -0.08, "cluster_reduction": "sample_mean"}),
+    "protopnet": ("ProtoPNet (Chen et al. 2019): each prototype scored by its best-matching patch token (max "
+                  "pooling), L2 log-activation; CE + cluster 0.8 (plain sample mean) + unbounded separation "
+                  "(coefficient −0.08), no extra prototype losses; final push projects onto patches",
+                  {**_NO_PROTO_EXTRAS, **_PATCH_SCORING, "patch_pooling": "max", "distance": "log_activation",
+                   "separation_form": "unbounded", "sep_scale": -0.08, "cluster_reduction": "sample_mean"}),
     "protoasnet": ("ProtoASNet (Sacha et al., MICCAI 2023): abstention NLL in place of CE (λ = 0.7) + cluster + "
                    "unbounded separation + orthogonality 0.01 within class, cosine similarity (s+1)/2",
                    {**_NO_PROTO_EXTRAS, "distance": "cosine01", "separation_form": "unbounded",
                     "sep_scale": -0.08, "orth_scale": 0.01, "use_abstention": True, "abstention_mode": "coupled",
                     "abstention_scale": 0.7}),
+    "patch": ("basic's objective with patch-grounded scoring: each prototype scored on the image's own patch "
+              "tokens (soft pooling, sharpness 10), anchored on its source patch by the final push, so the shown "
+              "patch is the evidence in the logit", {**_PATCH_SCORING, "patch_pooling": "soft"}),
     "head_v1": ("head.py: CE + balanced cluster + margin sep + diversity + ALL-pairs contrastive, log-σ, "
                 "gate keeps only the light branch", {"contrastive_pairs": "all", "fusion": "last"}),
     "optimalhead": ("optimalhead.py as intended: NO CE; cluster + margin sep + all-pairs contrastive + "

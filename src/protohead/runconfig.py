@@ -43,8 +43,8 @@ class RunConfig:
     push_every: int = 5  # epochs between pushes; 0 disables push
     expand_every: int = 5  # epochs between expansion checks; 0 disables expansion
     expand_min_fraction: float = 0.2  # expand a class when this share of its samples is poorly covered
-    reseed_dead: bool = True  # at each push, move prototypes that win no training image onto a real patch
-    final_push: bool = True  # after training, push the selected checkpoint's prototypes and remove dead ones
+    reseed_dead: bool = True  # patch scoring: at each push, move prototypes winning no training image onto a patch
+    final_push: bool = True  # patch scoring: after training, anchor the selected checkpoint's prototypes on patches
     anchored_epochs: int = 3  # patch scoring: epochs training the rest of the head with prototypes anchored
     anchored_lr: float = 3e-4  # learning rate of that phase (cosine decay, no warm-up)
     finetune: bool = False  # train the backbone end to end (no feature cache)

@@ -28,6 +28,7 @@ from protohead.training.checkpoint import load_checkpoint, save_checkpoint
 from protohead.training.prototypes import (
     expand_prototypes,
     final_push,
+    projects_exactly,
     prune_dead_prototypes,
     push_prototypes,
     reseed_dead_prototypes,
@@ -243,7 +244,7 @@ class Trainer:
                 last_epoch = epoch + 1 == config.epochs
                 if config.push_every and (epoch + 1) % config.push_every == 0:
                     record["pushed"] = push_prototypes(self.head, self._push_batches())
-                    if config.reseed_dead:
+                    if config.reseed_dead and projects_exactly(self.head):
                         record["reseeded"] = reseed_dead_prototypes(self.head, self._push_batches(), self.optimizer)
                 if config.expand_every and (epoch + 1) % config.expand_every == 0 and not last_epoch:
                     added = expand_prototypes(self.head, self._push_batches(), config.expand_min_fraction,
@@ -276,12 +277,14 @@ class Trainer:
 
 
     def finish_prototypes(self) -> None:
-        """The final push (ProtoPNet / CaBRNet convention) on the *selected* checkpoint: every prototype onto its
-        source patch (see :func:`~protohead.training.prototypes.final_push`), dead ones removed, then τ chosen again
-        on validation and ``best.safetensors`` rewritten, so the selected model's logits come from exactly the
-        pushed vectors. Recorded in ``best["final_push"]`` with the validation scores before it."""
+        """The final push (ProtoPNet / CaBRNet convention) on the *selected* checkpoint of a patch-scoring head: every
+        prototype onto its source patch and anchored there (see :func:`~protohead.training.prototypes.final_push`),
+        dead ones removed, the rest of the head trained ``anchored_epochs`` more, τ chosen again on validation and
+        ``best.safetensors`` rewritten, so the selected model's logits come from exactly the pushed patches.
+        Recorded in ``best["final_push"]`` with the validation scores before and after. Pooled scoring (the design
+        document's block) keeps its selected checkpoint as trained: there a push moves the logits."""
         config = self.config
-        if (self.head is None or not config.final_push or self.best["epoch"] < 0
+        if (self.head is None or not config.final_push or not projects_exactly(self.head) or self.best["epoch"] < 0
                 or "final_push" in self.best):
             return
         load_checkpoint(self.best_path, self.model)
@@ -289,7 +292,7 @@ class Trainer:
         report = final_push(self.head, self._push_batches())
         scores = self.validate()
         report["after_push"] = {key: scores[key] for key in before}
-        if self.head.bank.anchored and config.anchored_epochs:
+        if self.head.bank.is_anchored and config.anchored_epochs:
             scores, report["anchored"] = self.train_anchored(scores)
             report["pruned"] += prune_dead_prototypes(self.head, self._push_batches())
         self.best = {**self.best, **{key: scores[key] for key in before},
