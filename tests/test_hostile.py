@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protohead.baselines import BaselineHead
+from protohead.config import preset_config
 from protohead.head import Head, HeadOptimal
 from protohead.validation import MAX_ABS_FEATURE, check_head_inputs
 
@@ -29,7 +30,7 @@ MALFORMED_EXAMPLES = 250
 SETTINGS = {"deadline": None, "database": None, "derandomize": True,
             "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 
-PRESETS = ("basic", "long_tail", "uncertainty", "protopnet", "optimalhead", "optimal")
+PRESETS = ("basic", "long_tail", "uncertainty", "protopnet", "optimalhead", "optimal", "patch")
 KINDS = ("HeadOptimal", "Head", "baseline")
 
 
@@ -62,7 +63,13 @@ def heads(draw: st.DrawFn) -> tuple[torch.nn.Module, str, int, int]:
         options["class_counts"] = tuple(draw(st.lists(st.integers(0, 50), min_size=num_classes,
                                                       max_size=num_classes)))
     cls = Head if kind == "Head" else HeadOptimal
-    model = cls(preset=draw(st.sampled_from(PRESETS)), **options)
+    preset = draw(st.sampled_from(PRESETS))
+    patch = preset_config(preset)
+    if patch.scoring == "patch":  # patch scoring has no attention block; soft pooling needs a cosine
+        options["use_attention"] = False
+        if patch.patch_pooling == "soft":
+            options.pop("distance", None)
+    model = cls(preset=preset, **options)
     return model, kind, num_classes, feat
 
 
