@@ -148,10 +148,7 @@ class PrototypeBank(nn.Module):
         for tensor in (self.prototypes, self.push_image, self.push_token, self.push_similarity,
                        self.prepush_similarity, self.source_features):
             tensor[class_index, slot:count - 1] = tensor[class_index, slot + 1:count].clone()
-        self.push_image[class_index, count - 1] = -1
-        self.push_token[class_index, count - 1] = -1
-        self.push_similarity[class_index, count - 1] = float("nan")
-        self.prepush_similarity[class_index, count - 1] = float("nan")
+        self._clear_record(class_index, count - 1)
         self.counts[class_index] -= 1
 
     @torch.no_grad()
@@ -169,11 +166,15 @@ class PrototypeBank(nn.Module):
             raise ValueError("prototype vector contains NaN or Inf")
         self.prototypes[class_index, slot] = F.normalize(vector, dim=-1) if self.normalized else vector
         self.counts[class_index] += 1
-        self.push_image[class_index, slot] = -1  # a new slot has no source until it is pushed
+        self._clear_record(class_index, slot)  # a new slot has no source until it is pushed
+        return slot
+
+    def _clear_record(self, class_index: int, slot: int) -> None:
+        """Forget a slot's push source: no image or token, similarities NaN."""
+        self.push_image[class_index, slot] = -1
         self.push_token[class_index, slot] = -1
         self.push_similarity[class_index, slot] = float("nan")
         self.prepush_similarity[class_index, slot] = float("nan")
-        return slot
 
     def _check_slot(self, class_index: int, slot: int) -> None:
         if not 0 <= class_index < self.num_classes:

@@ -79,6 +79,10 @@ def predict(model: nn.Module, split: SplitInputs, batch_size: int) -> dict[str, 
     return {**result, "labels": split.labels.astype(np.int64)}
 
 
+SELECTION_KEYS = ("val_accuracy", "val_balanced_accuracy", "posthoc_tau")
+"""The validation scores a selection records (τ chosen on validation, the scores after it)."""
+
+
 class TrainingDivergedError(ValueError):
     """The loss or its gradient became NaN or infinite; training stopped before the step was applied."""
 
@@ -257,7 +261,7 @@ class Trainer:
             if distributed.is_main():
                 write_text_atomic(self.log_path, history_csv(self.history))
                 if config.progress:
-                    tqdm.write(epoch_line(record, config.epochs), file=sys.stderr)
+                    tqdm_write(epoch_line(record, config.epochs))
             improved = record["val_balanced_accuracy"] > self.best["val_balanced_accuracy"]
             if improved:
                 self.best = {"epoch": epoch, "val_balanced_accuracy": record["val_balanced_accuracy"],
@@ -275,7 +279,6 @@ class Trainer:
             save_checkpoint(self.checkpoints / f"last.rank{rank}.safetensors", self.model)
         return {"history": self.history, "best": self.best}
 
-
     def finish_prototypes(self) -> None:
         """The final push (ProtoPNet / CaBRNet convention) on the *selected* checkpoint of a patch-scoring head: every
         prototype onto its source patch and anchored there (see :func:`~protohead.training.prototypes.final_push`),
@@ -288,7 +291,7 @@ class Trainer:
                 or "final_push" in self.best):
             return
         load_checkpoint(self.best_path, self.model)
-        before = {key: self.best[key] for key in ("val_accuracy", "val_balanced_accuracy", "posthoc_tau")}
+        before = {key: self.best[key] for key in SELECTION_KEYS}
         report = final_push(self.head, self._push_batches())
         scores = self.validate()
         report["after_push"] = {key: scores[key] for key in before}
@@ -306,7 +309,6 @@ class Trainer:
                            f"{scores['val_accuracy']:.4f}, val bal acc {before['val_balanced_accuracy']:.4f} → "
                            f"{scores['val_balanced_accuracy']:.4f}")
         distributed.barrier()
-
 
     def train_anchored(self, scores: dict[str, float]) -> tuple[dict[str, float], list[dict[str, float]]]:
         """ProtoPNet's last phase for this head: with every prototype anchored to its source patch, train the rest
@@ -333,7 +335,7 @@ class Trainer:
             self.head.bank.sync_anchored(self.head.project_exactly)
             current = self.validate()
             records.append({"loss/total": stats.get("loss/total", float("nan")),
-                            **{key: current[key] for key in ("val_accuracy", "val_balanced_accuracy", "posthoc_tau")}})
+                            **{key: current[key] for key in SELECTION_KEYS}})
             if current["val_balanced_accuracy"] > best_scores["val_balanced_accuracy"]:
                 best_scores, best_state = current, copy.deepcopy(self.model.state_dict())
         self.model.load_state_dict(best_state)

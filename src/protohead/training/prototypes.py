@@ -45,7 +45,7 @@ def find_push_targets(head: HeadOptimal, batches: Batches) -> tuple[torch.Tensor
     best_image = torch.full((num_classes, max_slots), -1, dtype=torch.long)
     best_token = torch.full((num_classes, max_slots), -1, dtype=torch.long)
     best_vector = torch.zeros(num_classes, max_slots, dim)
-    best_raw: torch.Tensor | None = None
+    best_raw = torch.zeros(num_classes, max_slots, bank.source_features.shape[-1])
     was_training = head.training
     head.eval()
     for indices, tokens, _, labels in batches():
@@ -62,11 +62,9 @@ def find_push_targets(head: HeadOptimal, batches: Batches) -> tuple[torch.Tensor
         best_image = torch.where(better, indices[where // num_tokens], best_image)
         best_token = torch.where(better, where % num_tokens, best_token)
         best_vector = torch.where(better[..., None], flat[where], best_vector)
-        raw = tokens.reshape(batch * num_tokens, -1)[where].to(best_vector.dtype)
-        best_raw = raw if best_raw is None else torch.where(better[..., None], raw, best_raw)
+        best_raw = torch.where(better[..., None], tokens.reshape(batch * num_tokens, -1)[where].to(best_raw.dtype),
+                               best_raw)
     head.train(was_training)
-    if best_raw is None:
-        best_raw = torch.zeros(num_classes, max_slots, bank.source_features.shape[-1])
     if distributed.rank_and_world()[1] > 1:  # each rank saw a shard: keep the best over ranks, same on all
         sims = distributed.gather_rows_nograd(best_sim[None])  # (world, C, M)
         images = distributed.gather_rows_nograd(best_image[None])
