@@ -10,7 +10,8 @@ Cache layout (one directory per key)::
                                     per-file byte sizes, sha256 and sampled-block sha256, and a sha256
                                     of the manifest itself
 
-``key = sha256(backbone.cache_key(), split.fingerprint(), FORMAT_VERSION)``, so a changed backbone,
+``key = sha256(backbone.cache_key(), split.fingerprint(), FORMAT_VERSION[, view])`` (a flipped or rotated view of
+the images, :mod:`protohead.views`, is an entry of its own), so a changed backbone,
 image list, label or file content gives a different directory (a plain miss). Extraction writes into
 a temporary sibling directory that is ``os.replace``-d into place only when complete, so an
 interrupted run never leaves a half-written cache.
@@ -46,6 +47,7 @@ from tqdm.auto import tqdm
 
 from protohead.backbones.base import Backbone
 from protohead.data.base import ImageSplit
+from protohead.views import VIEWS, apply_view
 
 FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.f16"
@@ -104,10 +106,13 @@ class FeatureSet:
 
 
 # ---------------------------------------------------------------------- keys and checksums
-def feature_cache_key(backbone: Backbone, split: ImageSplit) -> str:
-    """sha256 hex of (backbone.cache_key(), split.fingerprint(), FORMAT_VERSION)."""
-    payload = json.dumps({"backbone": backbone.cache_key(), "split": split.fingerprint(),
-                          "format": FORMAT_VERSION}, sort_keys=True)
+def feature_cache_key(backbone: Backbone, split: ImageSplit, view: str = "identity") -> str:
+    """sha256 hex of (backbone.cache_key(), split.fingerprint(), FORMAT_VERSION[, view]); the identity view adds
+    nothing, so its key is the one every cache had before views existed."""
+    fields: dict[str, Any] = {"backbone": backbone.cache_key(), "split": split.fingerprint(), "format": FORMAT_VERSION}
+    if view != "identity":
+        fields["view"] = view
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -250,7 +255,7 @@ def iter_preprocessed(backbone: Backbone, split: ImageSplit, batch_size: int,
 
 
 def _write_features(backbone: Backbone, split: ImageSplit, directory: Path, key: str, batch_size: int,
-                    progress: bool, num_workers: int) -> None:
+                    progress: bool, num_workers: int, view: str = "identity") -> None:
     n, num_tokens, dim = len(split), backbone.num_tokens, backbone.feature_dim
     token_path, pooled_path = directory / TOKENS_FILE, directory / POOLED_FILE
     token_hash, pooled_hash = hashlib.sha256(), hashlib.sha256()
@@ -263,11 +268,12 @@ def _write_features(backbone: Backbone, split: ImageSplit, directory: Path, key:
         device = backbone.device
         was_training = backbone.training
         backbone.eval()
-        bar = tqdm(total=n, unit="img", desc=f"features {backbone.name}", disable=not progress)
+        label = backbone.name if view == "identity" else f"{backbone.name} {view}"
+        bar = tqdm(total=n, unit="img", desc=f"features {label}", disable=not progress)
         try:
             with torch.inference_mode():
                 for start, x in iter_preprocessed(backbone, split, batch_size, num_workers):
-                    tokens, pooled = backbone(x.to(device, non_blocking=True))
+                    tokens, pooled = backbone(apply_view(x.to(device, non_blocking=True), view))
                     b = x.shape[0]
                     if tuple(tokens.shape) != (b, num_tokens, dim) or tuple(pooled.shape) != (b, dim):
                         raise ValueError(f"{backbone.name} returned tokens {tuple(tokens.shape)} and pooled "
@@ -305,6 +311,7 @@ def _write_features(backbone: Backbone, split: ImageSplit, directory: Path, key:
         "tokens_shape": [n, num_tokens, dim],
         "pooled_shape": [n, dim],
         "image_size": backbone.image_size,
+        "view": view,
         "ids": list(split.ids),
         "labels": np.asarray(split.labels, dtype=np.int64).tolist(),
         "files": files,
@@ -328,7 +335,7 @@ def _discard(path: Path) -> None:
 def extract_features(backbone: Backbone, split: ImageSplit, cache_dir: str | Path, batch_size: int = 32,
                      progress: bool = True, num_workers: int = 1,
                      on_corrupt: Literal["rebuild", "error"] = "rebuild",
-                     verify: Literal["full", "fast"] = "full") -> FeatureSet:
+                     verify: Literal["full", "fast"] = "full", view: str = "identity") -> FeatureSet:
     """Backbone features of every image of ``split``, from the cache or computed and cached.
 
     Args:
@@ -342,6 +349,7 @@ def extract_features(backbone: Backbone, split: ImageSplit, cache_dir: str | Pat
         on_corrupt: what to do with a corrupt entry for this key: ``"rebuild"`` (warn naming the file,
             then re-extract) or ``"error"`` (raise ``ValueError`` naming the file).
         verify: integrity check on a hit, see the module docstring.
+        view: one of :data:`protohead.views.VIEWS`, applied to the preprocessed images (its own cache entry).
 
     Returns:
         FeatureSet: tokens (n, N, F) and pooled (n, F) float16 read-only memmaps, labels (n,), ids.
@@ -353,7 +361,9 @@ def extract_features(backbone: Backbone, split: ImageSplit, cache_dir: str | Pat
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cache_dir = Path(cache_dir)
-    key = feature_cache_key(backbone, split)
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
+    key = feature_cache_key(backbone, split, view)
     entry = cache_dir / key
     if entry.exists():  # the common case, without taking the lock
         with contextlib.suppress(CorruptCacheError):
@@ -370,7 +380,7 @@ def extract_features(backbone: Backbone, split: ImageSplit, cache_dir: str | Pat
         remove_stale_temporaries(cache_dir, key)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=cache_dir))
         try:
-            _write_features(backbone, split, tmp, key, batch_size, progress, num_workers)
+            _write_features(backbone, split, tmp, key, batch_size, progress, num_workers, view)
             _discard(entry)  # a corrupt entry
             os.replace(tmp, entry)
         except BaseException:

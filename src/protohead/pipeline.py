@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from protohead.posthoc import final_outputs
 from protohead.runconfig import RunConfig
 from protohead.training.checkpoint import load_checkpoint, save_checkpoint
 from protohead.training.loop import SplitInputs, Trainer, predict, write_json
+from protohead.views import apply_view, view_names
 
 
 def default_cache_dir() -> Path:
@@ -51,30 +52,70 @@ def load_data(config: RunConfig):  # -> ImageDataset
     return dataset
 
 
-def feature_inputs(features: Any) -> SplitInputs:
-    """SplitInputs over a cached :class:`FeatureSet` (fp16 memmap → fp32 batches)."""
+def feature_inputs(features: Any | Sequence[Any]) -> SplitInputs:
+    r"""SplitInputs over cached :class:`FeatureSet`\ s (fp16 memmap → fp32 batches): one, or one per view of the
+    same images (identity first; row ``v · n + i`` is view ``v`` of image ``i``)."""
+    views = list(features) if isinstance(features, list | tuple) else [features]
+    size = len(views[0])
+    if any(view.ids != views[0].ids for view in views):
+        raise ValueError("the feature sets of the views hold different images")
+
     def fetch(indices: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return features.torch_batch(indices.numpy())
-    return SplitInputs(fetch, len(features), np.asarray(features.labels))
+        rows = indices.numpy()
+        if len(views) == 1:
+            return views[0].torch_batch(rows)
+        view, image = np.divmod(rows, size)
+        tokens = torch.empty(len(rows), views[0].num_tokens, views[0].feature_dim)
+        pooled = torch.empty(len(rows), views[0].feature_dim)
+        for v in np.unique(view).tolist():
+            where = np.flatnonzero(view == v)
+            tokens[where], pooled[where], _ = views[v].torch_batch(image[where])
+        return tokens, pooled, torch.from_numpy(np.asarray(views[0].labels[image], dtype=np.int64))
+    return SplitInputs(fetch, size, np.asarray(views[0].labels), views=len(views))
 
 
-def image_inputs(backbone: nn.Module, split: Any) -> SplitInputs:
-    """SplitInputs that run the (trainable) backbone on decoded images; gradients flow when ``train``."""
+def image_inputs(backbone: nn.Module, split: Any, views: int = 1) -> SplitInputs:
+    """SplitInputs that run the (trainable) backbone on decoded images; gradients flow when ``train``. With
+    ``views`` > 1, row ``v · n + i`` is image ``i`` under view ``v`` (:mod:`protohead.views`)."""
     labels = torch.as_tensor(split.labels, dtype=torch.long)
+    size, names = len(split), view_names(views)
 
     def fetch(indices: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images = backbone.preprocess([split.load(int(i)) for i in indices])
+        view, image = indices // size, indices % size
+        images = backbone.preprocess([split.load(int(i)) for i in image])
+        for v in view.unique().tolist():
+            if v:
+                where = view == v
+                images[where] = apply_view(images[where], names[v])
         backbone.train(train)
         with torch.set_grad_enabled(train and torch.is_grad_enabled()):
             tokens, pooled = backbone(images)
-        return tokens, pooled, labels[indices]
-    return SplitInputs(fetch, len(split), np.asarray(split.labels))
+        return tokens, pooled, labels[image]
+    return SplitInputs(fetch, size, np.asarray(split.labels), views=views)
+
+
+def tail_inputs(backbone: Any, front: SplitInputs, blocks: int) -> SplitInputs:
+    """SplitInputs that run the backbone's trainable last ``blocks`` blocks on cached front maps (partial
+    fine-tuning); gradients flow when ``train``. Views are the cached ones."""
+    def fetch(indices: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        maps, _, labels = front.fetch(indices, train)
+        backbone.train(train)
+        with torch.set_grad_enabled(train and torch.is_grad_enabled()):
+            tokens, pooled = backbone.tail(maps, blocks)
+        return tokens, pooled, labels
+    return SplitInputs(fetch, front.size, front.labels, views=front.views)
+
+
+def split_views(config: RunConfig, name: str) -> int:
+    """How many views split ``name`` holds: all ``config.views`` for training, and for validation and test when
+    predictions are averaged over them (``tta``); else one."""
+    return config.views if name == "train" or config.tta else 1
 
 
 def prepare(config: RunConfig, backbone: Any = None) -> PreparedData:
     """Load the dataset and make model inputs: cached frozen features, or images through a trainable backbone
     (``backbone``: a fine-tuned run's own; default: a fresh pretrained one)."""
-    from protohead.backbones import build_backbone
+    from protohead.backbones import build_backbone, train_backbone
     from protohead.features import extract_features
 
     dataset = load_data(config)
@@ -85,20 +126,30 @@ def prepare(config: RunConfig, backbone: Any = None) -> PreparedData:
         raise ValueError(f"class(es) {', '.join(missing)} of {config.data} have no training images; a model "
                          "cannot learn or calibrate a class it never sees (drop the class or add images)")
     ids = {n: dataset.splits[n].ids for n in names}
+    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir() / "features"
+
+    def cached(extractor: Any) -> dict[str, SplitInputs]:
+        return {name: feature_inputs([extract_features(extractor, dataset.splits[name], cache, progress=config.progress,
+                                                       view=view) for view in view_names(split_views(config, name))])
+                for name in names}
+    if config.finetune and config.finetune_blocks:  # partial: the frozen front once (cached), its tail trained
+        if backbone is None:
+            backbone = train_backbone(build_backbone(config.backbone, config.input_size), config.finetune_blocks)
+        identity = backbone_identity(backbone)
+        splits = {name: tail_inputs(backbone, inputs, config.finetune_blocks)
+                  for name, inputs in cached(backbone.front(config.finetune_blocks)).items()}
+        return PreparedData(dataset.class_names, splits, ids, backbone.feature_dim, counts, backbone, identity,
+                            dataset.splits)
     if config.finetune:
         if backbone is None:
-            backbone = build_backbone(config.backbone, config.finetune_image_size)
-            backbone.set_trainable(True)
+            backbone = train_backbone(build_backbone(config.backbone, config.input_size))
         identity = backbone_identity(backbone)  # the starting point; the trained weights live in the checkpoint
-        splits = {name: image_inputs(backbone, dataset.splits[name]) for name in names}
+        splits = {name: image_inputs(backbone, dataset.splits[name], split_views(config, name)) for name in names}
         return PreparedData(dataset.class_names, splits, ids, backbone.feature_dim, counts, backbone, identity,
                             dataset.splits)
     backbone = build_backbone(config.backbone, config.image_size)
-    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir() / "features"
-    features = {name: extract_features(backbone, dataset.splits[name], cache, progress=config.progress)
-                for name in names}
-    return PreparedData(dataset.class_names, {n: feature_inputs(f) for n, f in features.items()}, ids,
-                        backbone.feature_dim, counts, None, backbone_identity(backbone), dataset.splits)
+    return PreparedData(dataset.class_names, cached(backbone), ids, backbone.feature_dim, counts, None,
+                        backbone_identity(backbone), dataset.splits)
 
 
 def backbone_identity(backbone: Any) -> dict[str, Any]:
@@ -210,7 +261,7 @@ def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) ->
         write_json(run_dir / runfolder.TRAIN_IDS_FILE, list(data.ids["train"]))
         head = head_of(model)
         if isinstance(head, HeadOptimal) and data.images is not None:
-            image_size = config.finetune_image_size if config.finetune else config.image_size
+            image_size = config.input_size
             runfolder.write_prototype_sources(run_dir, head, data.images["train"], image_size)
     result.update(model=model, data=data, best_path=trainer.best_path, train_s=time.perf_counter() - started)
     return result

@@ -20,6 +20,7 @@ import torch
 from protohead import runfolder
 from protohead.model import EndToEnd, head_of, uncertainty_rule
 from protohead.posthoc import final_outputs
+from protohead.views import apply_view, average_view_outputs, view_names
 
 ImageInput = str | os.PathLike | np.ndarray | Any  # a path, an (H, W, 3) uint8 array, or a PIL image
 TOP_PROTOTYPES = 3
@@ -127,10 +128,18 @@ class RunPredictor:
         """Whether the reported uncertainty is the head's abstention probability (see :func:`uncertainty_rule`)."""
         return uncertainty_rule(self.loaded.model, self.loaded.selection)[0]
 
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The views each prediction averages over (:mod:`protohead.views`): the run's ``views`` when it was
+        evaluated with ``tta``, else the image as it is."""
+        config = self.loaded.config
+        return view_names(config.views if config.tta else 1)
+
     @torch.no_grad()
-    def features(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, F) tokens and (B, F) pooled features of uint8 images, as the head saw them in training."""
-        tokens, pooled = self.backbone(self.backbone.preprocess(list(images)))
+    def features(self, images: Sequence[np.ndarray], view: str = "identity") -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, F) tokens and (B, F) pooled features of uint8 images under ``view``, as the head saw them in
+        training."""
+        tokens, pooled = self.backbone(apply_view(self.backbone.preprocess(list(images)), view))
         if self.round_features:
             tokens, pooled = tokens.half().float(), pooled.half().float()
         return tokens, pooled
@@ -141,8 +150,8 @@ class RunPredictor:
         ``similarities`` (n, C, M) and ``evidence`` (n, C, M, N) of prototype heads."""
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(images), self.batch_size):
-            tokens, pooled = self.features(images[start:start + self.batch_size])
-            _, _, info = self.loaded.model(tokens, pooled)
+            batch = images[start:start + self.batch_size]
+            info = average_view_outputs([self.loaded.model(*self.features(batch, view))[2] for view in self.views])
             for key in ("probabilities", "uncertainty", "ood_score", "similarities", "evidence"):
                 if info.get(key) is not None:
                     parts.setdefault(key, []).append(info[key].double().numpy())

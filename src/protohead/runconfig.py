@@ -47,9 +47,13 @@ class RunConfig:
     final_push: bool = True  # patch scoring: after training, anchor the selected checkpoint's prototypes on patches
     anchored_epochs: int = 3  # patch scoring: epochs training the rest of the head with prototypes anchored
     anchored_lr: float = 3e-4  # learning rate of that phase (cosine decay, no warm-up)
+    views: int = 1  # flips / 90° rotations of each image (1–8, protohead.views): training draws one per epoch
+    tta: bool = True  # with views > 1: validation and test predictions are the mean over the views
     finetune: bool = False  # train the backbone end to end (no feature cache)
     backbone_lr: float = 1e-4
     finetune_image_size: int = 160
+    finetune_blocks: int = 0  # with finetune: 0 trains the whole backbone on images (at finetune_image_size); k ≥ 1
+    # trains only its last k blocks + head conv on cached feature maps of the frozen rest (at image_size)
     posthoc_tau: float | Literal["auto"] = "auto"  # post-hoc logit adjustment at prediction; "auto": chosen on val
     posthoc_accuracy_tolerance: float = 0.01  # "auto": val accuracy one may give up for val balanced accuracy
     calibrate: bool = True  # temperature scaling fitted on validation after the post-hoc shift
@@ -80,6 +84,12 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def input_size(self) -> int:
+        """The side images are resized to: ``finetune_image_size`` when the whole backbone trains on images,
+        else ``image_size`` (frozen features, and partial fine-tuning on cached front maps)."""
+        return self.finetune_image_size if self.finetune and not self.finetune_blocks else self.image_size
 
     @classmethod
     def from_dict(cls, data: Any, source: str | Path | None = None) -> RunConfig:
@@ -130,8 +140,10 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": (lambda v: v >= 1, "epochs and batch_size must be ≥ 1"),
     "batch_size": (lambda v: v >= 1, "epochs and batch_size must be ≥ 1"),
     "eval_batch_size": (lambda v: v >= 1, "eval_batch_size must be ≥ 1"),
+    "views": (lambda v: 1 <= v <= 8, "views must be between 1 and 8 (the symmetries of the square)"),
     "image_size": (lambda v: v >= 32, "image_size must be ≥ 32"),
     "finetune_image_size": (lambda v: v >= 32, "finetune_image_size must be ≥ 32"),
+    "finetune_blocks": (lambda v: v >= 0, "finetune_blocks must be ≥ 0 (0: the whole backbone)"),
     "lr": (lambda v: _finite(v) and v > 0, "learning rates must be positive and finite"),
     "backbone_lr": (lambda v: _finite(v) and v > 0, "learning rates must be positive and finite"),
     "weight_decay": (lambda v: _finite(v) and v >= 0, "weight_decay must be finite and ≥ 0"),

@@ -400,10 +400,10 @@ def load_model(run_dir: str | Path, checkpoint: str = BEST_CHECKPOINT, data: Any
         model = build_model(config, len(description["class_names"]), description["feature_dim"],
                             description["class_counts"])
     if config.finetune:
-        from protohead.backbones import build_backbone
+        from protohead.backbones import build_backbone, train_backbone
 
-        backbone = build_backbone(config.backbone, config.finetune_image_size)
-        backbone.set_trainable(True)  # its weights come from the checkpoint
+        backbone = build_backbone(config.backbone, config.input_size)
+        train_backbone(backbone, config.finetune_blocks)  # its weights come from the checkpoint
         model = EndToEnd(backbone, model)
     load_state(path, model, tensors, meta)
     model.eval()

@@ -9,9 +9,21 @@ from protohead.backbones.base import Backbone
 from protohead.backbones.efficientnet_lite import EfficientNetLite0Backbone
 from protohead.backbones.timm_backbone import TimmBackbone
 
-__all__ = ["BACKBONE_NAMES", "Backbone", "EfficientNetLite0Backbone", "TimmBackbone", "build_backbone"]
+__all__ = ["BACKBONE_NAMES", "Backbone", "EfficientNetLite0Backbone", "TimmBackbone", "build_backbone",
+           "train_backbone"]
 
 BACKBONE_NAMES = ("efficientnet_lite0", "timm:<timm model name>")
+
+
+def train_backbone(backbone: Backbone, blocks: int = 0) -> Backbone:
+    """Make ``backbone`` trainable: all of it (``blocks=0``), or only its last ``blocks`` blocks and head conv
+    (partial fine-tuning on cached front maps; EfficientNet-Lite0 only — another backbone is a ``ValueError``)."""
+    if not blocks:
+        return backbone.set_trainable(True)
+    if not isinstance(backbone, EfficientNetLite0Backbone):
+        raise ValueError(f"finetune_blocks={blocks}: partial fine-tuning is built for efficientnet_lite0, not "
+                         f"{backbone.name}; use finetune_blocks=0 to fine-tune {backbone.name} whole")
+    return backbone.set_trainable_tail(blocks)
 
 
 def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224,

@@ -75,8 +75,72 @@ class EfficientNetLite0Backbone(Backbone):
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self.tail_blocks = 0  # partial fine-tuning: see set_trainable_tail
         self.eval()
         self.set_trainable(trainable)
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of MBConv blocks (16 for Lite0); partial fine-tuning trains the last ``k`` of them."""
+        return len(self.model._blocks)
+
+    def cache_config(self) -> dict[str, object]:
+        return {**super().cache_config(), "tail_blocks": self.tail_blocks}
+
+    def _blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Blocks ``start .. stop-1`` with the model's own drop-connect rates (active only in training)."""
+        rate = self.model._global_params.drop_connect_rate
+        for index in range(start, stop):
+            x = self.model._blocks[index](x, drop_connect_rate=rate * index / self.num_blocks if rate else rate)
+        return x
+
+    def _check_tail(self, blocks: int) -> int:
+        if not 1 <= blocks <= self.num_blocks:
+            raise ValueError(f"finetune_blocks must be between 1 and {self.num_blocks} for {self.name}, got {blocks}")
+        return self.num_blocks - blocks
+
+    def front_map(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
+        """(B, 3, S, S) → (B, c, h, w): stem and every block but the last ``blocks`` (the frozen front)."""
+        cut = self._check_tail(blocks)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        model = self.model
+        return self._blocks(model._swish(model._bn0(model._conv_stem(x))), 0, cut)
+
+    def tail(self, front_tokens: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Front tokens (B, h·w, c) (row-major, as :meth:`front` caches them) → the last ``blocks`` blocks and the
+        head conv → tokens (B, N, 1280), pooled (B, 1280), as :meth:`forward` would give for the image."""
+        cut = self._check_tail(blocks)
+        batch, cells, channels = front_tokens.shape
+        side = math.isqrt(cells)
+        if side * side != cells:
+            raise ValueError(f"front tokens must form a square grid, got {cells} per image")
+        x = front_tokens.reshape(batch, side, side, channels).permute(0, 3, 1, 2)
+        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+        model = self.model
+        fmap = model._swish(model._bn1(model._conv_head(self._blocks(x, cut, self.num_blocks))))
+        tokens = fmap.permute(0, 2, 3, 1).flatten(1, 2)
+        return tokens, tokens.mean(dim=1)
+
+    def front(self, blocks: int) -> Lite0Front:
+        """The frozen front (everything before the last ``blocks`` blocks) as a :class:`Backbone` whose tokens are
+        its feature-map cells, so the feature cache can store them (see :func:`set_trainable_tail`)."""
+        return Lite0Front(self, blocks)
+
+    def set_trainable_tail(self, blocks: int) -> EfficientNetLite0Backbone:
+        """Partial fine-tuning: train only the last ``blocks`` blocks and the head conv; the front stays frozen.
+        :meth:`forward` then rounds the front's map to float16 before the tail, as the cached front maps the tail
+        was trained on were, so predictions from images equal those on the cache."""
+        cut = self._check_tail(blocks)
+        self.tail_blocks = blocks
+        self.trainable = True
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        model = self.model
+        for module in (*model._blocks[cut:], model._conv_head, model._bn1):
+            for parameter in module.parameters():
+                parameter.requires_grad_(True)
+        return self
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1280, h, w) final feature map (head conv + BN + ReLU6)."""
@@ -86,6 +150,9 @@ class EfficientNetLite0Backbone(Backbone):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> tokens (B, h*w, 1280) row-major, pooled (B, 1280) = mean of tokens."""
+        if self.tail_blocks:
+            front = self.front_map(x, self.tail_blocks)
+            return self.tail(front.permute(0, 2, 3, 1).flatten(1, 2).half().float(), self.tail_blocks)
         fmap = self.feature_map(x)
         tokens = fmap.permute(0, 2, 3, 1).flatten(1, 2)  # a view for channels-last maps
         return tokens, tokens.mean(dim=1)
@@ -95,3 +162,38 @@ class EfficientNetLite0Backbone(Backbone):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
+
+
+class Lite0Front(Backbone):
+    """The frozen front of an :class:`EfficientNetLite0Backbone`: stem and all blocks but the last ``blocks``.
+
+    A :class:`Backbone` whose tokens are the front's feature-map cells (B, h·w, c) (pooled: their mean), so
+    :func:`protohead.features.extract_features` caches them; the tail (:meth:`EfficientNetLite0Backbone.tail`)
+    then trains on the cache. It shares the full backbone's modules but its cache key covers only its own weights,
+    so training the tail never invalidates the cached front.
+    """
+
+    def __init__(self, backbone: EfficientNetLite0Backbone, blocks: int) -> None:
+        super().__init__()
+        cut = backbone._check_tail(blocks)
+        self.name = f"{backbone.name}:front{cut}"
+        self.image_size = backbone.image_size
+        self.pixel_mean, self.pixel_std = backbone.pixel_mean, backbone.pixel_std
+        self.channels_last = backbone.channels_last
+        model = backbone.model
+        self.stem = torch.nn.ModuleList([model._conv_stem, model._bn0])
+        self.front_blocks = torch.nn.ModuleList(model._blocks[:cut])
+        self._full = [backbone]  # not a submodule: its tail is not part of this module's weights
+        self.blocks = blocks
+        with torch.no_grad():
+            probe = backbone.front_map(torch.zeros(1, 3, self.image_size, self.image_size), blocks)
+        self.feature_dim, self.num_tokens = int(probe.shape[1]), int(probe.shape[2] * probe.shape[3])
+        self.set_trainable(False)
+
+    def cache_config(self) -> dict[str, object]:
+        return {**super().cache_config(), "front_blocks": len(self.front_blocks)}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) → tokens (B, h·w, c) row-major, pooled (B, c)."""
+        tokens = self._full[0].front_map(x, self.blocks).permute(0, 2, 3, 1).flatten(1, 2)
+        return tokens, tokens.mean(dim=1)

@@ -79,10 +79,11 @@ def _outputs(model: torch.nn.Module, split: Any, indices: Sequence[int], batch_s
 
     keys = ["probabilities", "uncertainty", "winning_prototype"] + (["similarities", "evidence"] if keep_maps else [])
     parts: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+    from protohead.training.loop import view_outputs
+
     order = torch.as_tensor(list(indices), dtype=torch.long)
     for start in range(0, len(order), batch_size):
-        tokens, pooled, _ = split.fetch(order[start:start + batch_size], False)
-        _, _, info = model(tokens, pooled)
+        info = view_outputs(model, split, order[start:start + batch_size])  # the views the metrics averaged
         for key in keys:
             if info.get(key) is not None:
                 parts[key].append(info[key].float().numpy() if key != "winning_prototype" else info[key].numpy())
@@ -145,7 +146,7 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("gallery_*.png"), *out_dir.glob("explain_*.png")]:  # from an earlier explain
         stale.unlink()
-    image_size = config.finetune_image_size if config.finetune else config.image_size
+    image_size = config.input_size
     batch_size = config.eval_batch_size
     valid = head.bank.valid
 

@@ -33,6 +33,7 @@ from protohead.training.prototypes import (
     push_prototypes,
     reseed_dead_prototypes,
 )
+from protohead.views import average_view_outputs, sample_views
 
 Inputs = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """inputs(indices (B,), train) → (tokens (B, N, F), pooled (B, F), labels (B,))."""
@@ -40,11 +41,17 @@ Inputs = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor, torch.
 
 @dataclass
 class SplitInputs:
-    """A split as model inputs: ``fetch(indices, train)`` gives (tokens, pooled, labels); ``size`` rows."""
+    """A split as model inputs: ``fetch(indices, train)`` gives (tokens, pooled, labels) of ``size`` images.
+
+    ``views`` > 1: the split also holds that many views of each image (:mod:`protohead.views`); row
+    ``v · size + i`` is view ``v`` of image ``i`` (rows below ``size`` are the images as they are). Training
+    draws one view per image per epoch; :func:`predict` averages over all of them (test-time augmentation).
+    """
 
     fetch: Inputs
     size: int
     labels: np.ndarray
+    views: int = 1
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -60,17 +67,27 @@ def batches_of(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield order[start:start + batch_size]
 
 
+def view_outputs(model: nn.Module, split: SplitInputs, indices: torch.Tensor) -> dict[str, Any]:
+    """The eval-mode head outputs (``info``) of images ``indices``, averaged over the split's views
+    (:func:`protohead.views.average_view_outputs`: maps and winners are the identity view's)."""
+    outputs = []
+    for view in range(split.views):
+        tokens, pooled, _ = split.fetch(indices + view * split.size, False)
+        outputs.append(model(tokens, pooled)[2])
+    return average_view_outputs(outputs)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, split: SplitInputs, batch_size: int) -> dict[str, np.ndarray]:
-    """Eval-mode predictions: probabilities (n, C), uncertainty (n,), ood_score (n,), labels (n,)."""
+    """Eval-mode predictions: probabilities (n, C), uncertainty (n,), ood_score (n,), labels (n,); averaged over
+    the split's views when it has several (:func:`view_outputs`)."""
     was_training = model.training
     model.eval()
     mine = distributed.shard(torch.arange(split.size))  # under torchrun each rank predicts a shard
     keys = ("probabilities", "uncertainty", "ood_score")
     parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
     for indices in batches_of(mine, batch_size):
-        tokens, pooled, _ = split.fetch(indices, False)
-        _, _, info = model(tokens, pooled)
+        info = view_outputs(model, split, indices)
         for key in keys:
             parts[key].append(info[key].double())
     model.train(was_training)
@@ -180,6 +197,8 @@ class Trainer:
         model.train()
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         order = torch.randperm(self.train_split.size, generator=generator)
+        if self.train_split.views > 1:  # one view per image, drawn after the order (one-view runs draw as before)
+            order = order + self.train_split.size * sample_views(len(order), self.train_split.views, generator)
         sums: dict[str, torch.Tensor] = {}
         nonzero: dict[str, torch.Tensor] = {}
         largest_grad_norm = torch.zeros(())
