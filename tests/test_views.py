@@ -170,3 +170,18 @@ def test_training_draws_one_view_per_image_per_epoch(tmp_path):
         rows = torch.cat(seen)
         assert sorted((rows % 32).tolist()) == list(range(32))  # every image once
         assert len(set((rows // 32).tolist())) > 1  # under more than one view
+
+
+def test_device_choice_is_checked_and_cpu_runs_stay_float32():
+    from protohead.device import autocast, resolve_device
+
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="config key 'device'"):
+        load_run_config(overrides=["device=gpu"])
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no usable GPU"):
+            resolve_device("cuda")
+    with autocast(torch.device("cpu"), True):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

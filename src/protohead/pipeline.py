@@ -82,7 +82,7 @@ def image_inputs(backbone: nn.Module, split: Any, views: int = 1) -> SplitInputs
 
     def fetch(indices: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         view, image = indices // size, indices % size
-        images = backbone.preprocess([split.load(int(i)) for i in image])
+        images = backbone.preprocess([split.load(int(i)) for i in image]).to(backbone.device)
         for v in view.unique().tolist():
             if v:
                 where = view == v
@@ -99,6 +99,7 @@ def tail_inputs(backbone: Any, front: SplitInputs, blocks: int) -> SplitInputs:
     fine-tuning); gradients flow when ``train``. Views are the cached ones."""
     def fetch(indices: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         maps, _, labels = front.fetch(indices, train)
+        maps = maps.to(backbone.device, non_blocking=True)
         backbone.train(train)
         with torch.set_grad_enabled(train and torch.is_grad_enabled()):
             tokens, pooled = backbone.tail(maps, blocks)
@@ -212,7 +213,7 @@ def run_session(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool,
     """
     from protohead.training import distributed
 
-    distributed.init_from_env()  # under torchrun: join the process group (gloo on CPU, nccl on GPU)
+    distributed.init_from_env(config.device)  # under torchrun: join the process group (gloo on CPU, nccl on GPU)
     main_process = distributed.is_main()
     plan: runfolder.Plan = "resume" if resume else "create"
     if main_process:
@@ -237,6 +238,7 @@ def run_session(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool,
 
 def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) -> dict[str, Any]:
     """Build the model, train it (continuing from ``last`` when ``resuming``) and select on val."""
+    from protohead.device import resolve_device
     from protohead.training import distributed
 
     torch.manual_seed(config.seed)  # here, so a run is the same whether or not the data were prepared before
@@ -245,6 +247,7 @@ def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) ->
     if data.backbone is not None:
         model = EndToEnd(data.backbone, model)
         extra = [p for p in data.backbone.parameters() if p.requires_grad]
+    model.to(resolve_device(config.device))  # batches follow the model (protohead.device.to_device)
     trainer = Trainer(config, model, data.splits["train"], data.splits["val"], run_dir, extra_parameters=extra,
                       metadata={"run": runfolder.describe_run(config, data), "signature": model_signature(model)})
     started = time.perf_counter()

@@ -50,6 +50,8 @@ class RunConfig:
     views: int = 1  # flips / 90° rotations of each image (1–8, protohead.views): training draws one per epoch
     tta: bool = True  # with views > 1: validation and test predictions are the mean over the views
     finetune: bool = False  # train the backbone end to end (no feature cache)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when there is a GPU (torchrun: cuda:LOCAL_RANK)
+    amp: bool = True  # bfloat16 autocast for training steps on CUDA (no effect on the CPU)
     backbone_lr: float = 1e-4
     finetune_image_size: int = 160
     finetune_blocks: int = 0  # with finetune: 0 trains the whole backbone on images (at finetune_image_size); k ≥ 1

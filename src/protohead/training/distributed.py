@@ -15,11 +15,15 @@ import torch
 import torch.distributed as dist
 
 
-def init_from_env() -> tuple[int, int]:
-    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns (rank, world size)."""
+def init_from_env(device: str = "auto") -> tuple[int, int]:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns (rank, world size). NCCL when the
+    run computes on CUDA (``device`` auto with a GPU, or cuda; each rank on GPU ``LOCAL_RANK``), else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        from protohead.device import resolve_device
+
+        backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
     return rank_and_world()
 
 
@@ -46,8 +50,8 @@ def shard(indices: torch.Tensor) -> torch.Tensor:
 
 def _padded_gather(rows: torch.Tensor, differentiable: bool) -> torch.Tensor:
     world = rank_and_world()[1]
-    sizes = [torch.zeros((), dtype=torch.long) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor(rows.shape[0], dtype=torch.long))
+    sizes = [torch.zeros((), dtype=torch.long, device=rows.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(rows.shape[0], dtype=torch.long, device=rows.device))
     largest = int(max(sizes))
     padded = torch.cat([rows, rows.new_zeros(largest - rows.shape[0], *rows.shape[1:])]) if rows.shape[0] < largest \
         else rows

@@ -18,6 +18,7 @@ from torch import nn
 
 from protohead import runfolder
 from protohead.atomic import write_text_atomic
+from protohead.device import autocast, model_device, to_device
 from protohead.head import HeadOptimal
 from protohead.model import head_of
 from protohead.objective import scalar_terms
@@ -70,10 +71,10 @@ def batches_of(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 def view_outputs(model: nn.Module, split: SplitInputs, indices: torch.Tensor) -> dict[str, Any]:
     """The eval-mode head outputs (``info``) of images ``indices``, averaged over the split's views
     (:func:`protohead.views.average_view_outputs`: maps and winners are the identity view's)."""
-    outputs = []
+    outputs, device = [], model_device(model)
     for view in range(split.views):
         tokens, pooled, _ = split.fetch(indices + view * split.size, False)
-        outputs.append(model(tokens, pooled)[2])
+        outputs.append(model(*to_device((tokens, pooled), device))[2])
     return average_view_outputs(outputs)
 
 
@@ -91,8 +92,10 @@ def predict(model: nn.Module, split: SplitInputs, batch_size: int) -> dict[str, 
         for key in keys:
             parts[key].append(info[key].double())
     model.train(was_training)
-    restore = torch.argsort(distributed.gather_rows_nograd(mine))  # the whole split, in its order, on every rank
-    result = {key: distributed.gather_rows_nograd(torch.cat(parts[key]))[restore].numpy() for key in keys}
+    device = model_device(model)  # gathered where the process group communicates (NCCL: the GPU), then to NumPy
+    restore = torch.argsort(distributed.gather_rows_nograd(mine.to(device))).cpu()
+    result = {key: distributed.gather_rows_nograd(torch.cat(parts[key]))[restore.to(device)].cpu().numpy()
+              for key in keys}
     return {**result, "labels": split.labels.astype(np.int64)}
 
 
@@ -150,6 +153,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": -1, "val_balanced_accuracy": -1.0}
         self.start_epoch = 0
+        self.device = model_device(model)
 
     @property
     def last_path(self) -> Path:
@@ -177,8 +181,7 @@ class Trainer:
         def generate() -> Iterator[tuple[torch.Tensor, ...]]:
             mine = distributed.shard(torch.arange(self.train_split.size))  # gathered inside push / coverage
             for indices in batches_of(mine, self.config.eval_batch_size):
-                tokens, pooled, labels = self.train_split.fetch(indices, False)
-                yield indices, tokens, pooled, labels
+                yield to_device((indices, *self.train_split.fetch(indices, False)), self.device)
         return generate
 
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer | None = None,
@@ -201,7 +204,7 @@ class Trainer:
             order = order + self.train_split.size * sample_views(len(order), self.train_split.views, generator)
         sums: dict[str, torch.Tensor] = {}
         nonzero: dict[str, torch.Tensor] = {}
-        largest_grad_norm = torch.zeros(())
+        largest_grad_norm = torch.zeros((), device=self.device)
         steps = 0
         from tqdm.auto import tqdm
 
@@ -211,10 +214,11 @@ class Trainer:
             step = epoch * self.steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * schedule(step)
-            tokens, pooled, labels = self.train_split.fetch(distributed.shard(indices), True)
-            scores, _ = model.score(tokens, pooled, labels)
-            global_labels = labels if self.gather is None else self.gather(labels)
-            loss, terms = model.objective(scores.gathered(self.gather), global_labels)
+            tokens, pooled, labels = to_device(self.train_split.fetch(distributed.shard(indices), True), self.device)
+            with autocast(self.device, config.amp):
+                scores, _ = model.score(tokens, pooled, labels)
+                global_labels = labels if self.gather is None else self.gather(labels)
+                loss, terms = model.objective(scores.gathered(self.gather), global_labels)
             info = scalar_terms(terms)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -41,11 +41,12 @@ def find_push_targets(head: HeadOptimal, batches: Batches) -> tuple[torch.Tensor
     bank = head.bank
     prototypes = head.prototype_vectors()
     num_classes, max_slots, dim = prototypes.shape
-    best_sim = torch.full((num_classes, max_slots), float("-inf"))
-    best_image = torch.full((num_classes, max_slots), -1, dtype=torch.long)
-    best_token = torch.full((num_classes, max_slots), -1, dtype=torch.long)
-    best_vector = torch.zeros(num_classes, max_slots, dim)
-    best_raw = torch.zeros(num_classes, max_slots, bank.source_features.shape[-1])
+    device = prototypes.device
+    best_sim = torch.full((num_classes, max_slots), float("-inf"), device=device)
+    best_image = torch.full((num_classes, max_slots), -1, dtype=torch.long, device=device)
+    best_token = torch.full((num_classes, max_slots), -1, dtype=torch.long, device=device)
+    best_vector = torch.zeros(num_classes, max_slots, dim, device=device)
+    best_raw = torch.zeros(num_classes, max_slots, bank.source_features.shape[-1], device=device)
     was_training = head.training
     head.eval()
     for indices, tokens, _, labels in batches():
@@ -139,7 +140,7 @@ def coverage(head: HeadOptimal, batches: Batches
 
 def own_class_wins(labels: torch.Tensor, winners: torch.Tensor, num_classes: int, max_slots: int) -> torch.Tensor:
     """(C, M) how many training images of each class each of its prototypes wins (from :func:`coverage`)."""
-    wins = torch.zeros(num_classes * max_slots, dtype=torch.long)
+    wins = torch.zeros(num_classes * max_slots, dtype=torch.long, device=labels.device)
     wins.index_add_(0, labels * max_slots + winners, torch.ones_like(labels))
     return wins.reshape(num_classes, max_slots)
 
