@@ -44,6 +44,9 @@ def test_training_the_tail_leaves_the_front_and_its_cache_key_alone():
             if name in trainable:
                 parameter.add_(0.01)
     assert backbone.front(2).cache_key() == key  # the cached front stays valid while the tail trains
+    plain = build_backbone("efficientnet_lite0", 64)
+    assert "tail_blocks" not in plain.cache_config()  # every cache written before partial fine-tuning stays valid
+    assert backbone.cache_key() != plain.cache_key()  # its forward rounds the front map: other features
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():  # forward rounds the front map to float16, as the cache the tail trained on
         front_tokens, _ = backbone.front(2)(x)

@@ -85,7 +85,10 @@ class EfficientNetLite0Backbone(Backbone):
         return len(self.model._blocks)
 
     def cache_config(self) -> dict[str, object]:
-        return {**super().cache_config(), "tail_blocks": self.tail_blocks}
+        config = super().cache_config()
+        if self.tail_blocks:  # its forward rounds the front's map (absent otherwise: the key features always had)
+            config["tail_blocks"] = self.tail_blocks
+        return config
 
     def _blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Blocks ``start .. stop-1`` with the model's own drop-connect rates (active only in training)."""
