@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data/ham10000
-PRESET ?= basic
+PRESET ?= patch
 ARGS ?=
 
 .PHONY: test run lint bench clean

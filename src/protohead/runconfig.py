@@ -29,7 +29,7 @@ class RunConfig:
     data: str = str(DEFAULT_DATA)
     split: Literal["official", "lesion"] = "official"
     seed: int = 0
-    preset: str = "basic"  # a head preset, or a baseline: linear, linear_la, balanced_softmax, cosine
+    preset: str = "patch"  # a head preset, or a baseline: linear, linear_la, balanced_softmax, cosine
     head: dict[str, Any] = field(default_factory=dict)
     backbone: str = "efficientnet_lite0"
     image_size: int = 224

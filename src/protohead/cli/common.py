@@ -15,7 +15,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="dataset: HAM10000 folder, MedMNIST .npz or class folders "
                                        "(default: ../shared/data/ham10000 beside the repository)")
     parser.add_argument("--preset", "--model", dest="preset",
-                        help="head preset (basic, long_tail, uncertainty, protopnet, ...) or baseline "
+                        help="head preset (default patch; basic, long_tail, uncertainty, protopnet, ...) or baseline "
                              "(linear, linear_la, balanced_softmax, cosine)")
     parser.add_argument("--config", type=Path, help="YAML config file")
     parser.add_argument("--split", choices=["official", "lesion"],
