@@ -24,7 +24,8 @@ from protohead.training.checkpoint import load_checkpoint, read_checkpoint, save
 
 @pytest.fixture(scope="module")
 def ham_run(ham10000_root, feature_cache, tmp_path_factory) -> tuple[Path, object]:
-    """A short basic run on 12 real HAM10000 images per class and split (pushed every epoch)."""
+    """A short run of the default preset (patch) on 12 real HAM10000 images per class and split (pushed every
+    epoch)."""
     out = tmp_path_factory.mktemp("ham-run") / "run"
     cfg = ham_config(ham10000_root, feature_cache, "epochs=3", "push_every=1", "expand_every=0", "lr=3e-3")
     run(cfg, out)
@@ -48,7 +49,9 @@ def test_load_run_predict_equals_the_evaluated_predictions(ham_run):
     cited = predictions[0].prototypes
     train_ids = set(json.loads((out / "train_ids.json").read_text()))
     assert len(cited) == 3 and all(p.source_id in train_ids for p in cited)
-    assert all(p.evidence.shape == (7, 7) and abs(p.evidence.sum() - 1) < 1e-4 for p in cited)
+    assert predictor.head.evidence_kind == "similarity"  # patch scoring: each token's similarity to the prototype
+    assert all(p.evidence.shape == (7, 7) and np.abs(p.evidence).max() <= 1 + 1e-5 and p.evidence.std() > 0
+               for p in cited)
 
 
 def test_checkpoint_describes_the_run(ham_run):
@@ -57,7 +60,7 @@ def test_checkpoint_describes_the_run(ham_run):
     described = meta["user"]["run"]
     assert described["class_names"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert described["feature_dim"] == 1280 and described["backbone"]["name"] == "efficientnet_lite0"
-    assert described["config"]["preset"] == "basic" and sum(described["class_counts"]) > 0
+    assert described["config"]["preset"] == "patch" and sum(described["class_counts"]) > 0
     assert meta["user"]["signature"]["config"]["num_classes"] == 7
     sources = runfolder.read_prototype_sources(out)
     head = runfolder.load_model(out).model

@@ -286,8 +286,10 @@ def test_evaluate_with_a_broken_run_config_is_one_line(tmp_path, capsys, content
 def test_one_console_line_and_one_csv_row_per_epoch(tmp_path, capsys, data):
     out = tmp_path / "run"
     assert cli([*train_argv(data, out, tmp_path), "epochs=2", "progress=true"]) == 0
-    lines = [line for line in capsys.readouterr().err.splitlines() if "val bal acc" in line]  # not the bars
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if "val bal acc" in line and not line.startswith("final push")]  # not the bars
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
+    assert sum(line.startswith("final push: ") for line in err) == 1  # the default (patch) preset anchors once
     assert all(line.startswith("epoch ") and "tau" in line and line.endswith(" s") for line in lines)
     rows = (out / "log.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,loss/total,val_accuracy,val_balanced_accuracy,posthoc_tau")

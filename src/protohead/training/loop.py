@@ -296,10 +296,10 @@ class Trainer:
                 save_checkpoint(self.last_path, self.model, self.optimizer,
                                 metadata={**self.metadata, "epoch": epoch, "history": self.history, "best": self.best})
             distributed.barrier()
-        self.finish_prototypes()
         rank, world = distributed.rank_and_world()
-        if world > 1 and rank > 0:  # for verification: every other rank's final state beside rank 0's
+        if world > 1 and rank > 0:  # for verification: every other rank's state at the end of the loop beside rank 0's
             save_checkpoint(self.checkpoints / f"last.rank{rank}.safetensors", self.model)
+        self.finish_prototypes()
         return {"history": self.history, "best": self.best}
 
     def finish_prototypes(self) -> None:
