@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data/ham10000
 PRESET ?= patch
+# The best configuration measured that fits make run's 15-minute budget on 2 CPU cores (README, BENCHMARKS §10):
+# partial fine-tuning of Lite0's last block on its cached front. BEST= runs on frozen features instead.
+BEST ?= finetune=true finetune_blocks=1 epochs=10 backbone_lr=3e-4
 ARGS ?=
 
 .PHONY: test run lint bench clean
@@ -23,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 run: $(STAMP)
-	$(BIN)/protohead run --data $(DATA) --preset $(PRESET) --out runs/$(PRESET) --overwrite $(ARGS)
+	$(BIN)/protohead run --data $(DATA) --preset $(PRESET) --out runs/$(PRESET) --overwrite $(BEST) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
