@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from protohead import losses
-from protohead.attention import MixedAttentionBlock
+from protohead.attention import Dropout, MixedAttentionBlock, fused_path_available
 from protohead.bank import PrototypeBank
 from protohead.config import HeadConfig, preset_config
 from protohead.objective import HeadScores, PrototypeObjective, scalar_terms
@@ -60,7 +60,7 @@ class HeadOptimal(nn.Module):
             config = config.replace(**options)
         self.config = config
         dim = config.emb_dim
-        self.proj = nn.Sequential(nn.Linear(config.img_feat_dim, dim), nn.LayerNorm(dim), nn.Dropout(config.dropout))
+        self.proj = nn.Sequential(nn.Linear(config.img_feat_dim, dim), nn.LayerNorm(dim), Dropout(config.dropout))
         self.bank = PrototypeBank(config.num_classes, config.max_prototypes, dim, config.num_prototypes,
                                   normalized=config.distance in ("cosine", "cosine01"),
                                   source_dim=config.img_feat_dim)
@@ -160,19 +160,27 @@ class HeadOptimal(nn.Module):
         """Project tokens (B, N, F) and pooled vector (B, F) → ((B, N, D), (B, D))."""
         return self.proj(pool_features), self.proj(img_features)
 
+    def _fused_scoring(self, context: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+        """Whether pooled scoring goes through :meth:`MixedAttentionBlock.gated_cosine` (parallel mixing, cosine,
+        3-way gate): the fused per-sample path that needs no (B, C·M, D) tensor."""
+        return (self.config.scoring == "pooled" and self.attention is not None and context is not None
+                and self.config.distance == "cosine" and self.attention.fusion == "gate3")
+
     def _scores(self, prototypes: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, embedding: torch.Tensor,
-                scope: str, return_weights: bool, context: tuple[torch.Tensor, torch.Tensor] | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                scope: str, return_weights: bool, context: tuple[torch.Tensor, torch.Tensor] | None,
+                kept_slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(C', M, D) bank chunk → similarity, distance (B, C', M) and optional attention (B, C', M, N)."""
         if self.config.scoring == "patch":
             sim, dist, token_map = patch_similarity(tokens, prototypes, self.config.distance,
-                                                    self.config.patch_pooling, self.config.patch_sharpness)
-            return sim, dist, token_map if return_weights else None
+                                                    self.config.patch_pooling, self.config.patch_sharpness,
+                                                    return_map=return_weights)
+            return sim, dist, token_map
         if self.attention is None:
             sim, dist = prototype_similarity(embedding, prototypes, self.config.distance)
             return sim, dist, None
-        if context is not None and self.config.distance == "cosine" and self.attention.fusion == "gate3":
-            sim, weights = self.attention.gated_cosine(prototypes, tokens, embedding, context, return_weights)
+        if self._fused_scoring(context):
+            sim, weights = self.attention.gated_cosine(prototypes, tokens, embedding, context, return_weights,
+                                                       kept_slots=kept_slots)
             return sim, 1.0 - sim, weights
         adapted, weights = self.attention(prototypes, valid, tokens, scope, return_weights, context)
         sim, dist = prototype_similarity(embedding, adapted, self.config.distance)
@@ -184,7 +192,12 @@ class HeadOptimal(nn.Module):
 
         When the per-sample work can be split by class (``scope="class"`` or parallel mixing) and there
         are more than ``checkpoint_chunk_slots`` slots, classes are processed in chunks, activation-
-        checkpointed when training, so memory stays bounded at large C.
+        checkpointed when training, so memory stays bounded at large C. The fused path (parallel mixing,
+        cosine, 3-way gate; see :meth:`MixedAttentionBlock.gated_cosine`) is not chunked: it works through the
+        prototypes in cache-sized blocks itself and, when training, keeps the per-sample activations of at most
+        ``checkpoint_chunk_slots`` slots, recomputing the other blocks' in the backward pass. Without
+        attention evidence to return it scores the valid slots only: an unused slot's similarity is never read
+        (logits, losses and outputs mask it), so it is set to 0 (distance 1) instead of being computed.
         """
         prototypes, valid = self.prototype_vectors(), self.bank.valid
         scope = self.config.resolved_attention_scope()
@@ -193,10 +206,16 @@ class HeadOptimal(nn.Module):
             context = self.attention.bank_context(prototypes, valid, scope)
         num_classes, max_slots, _ = prototypes.shape
         chunk = max(1, self.config.checkpoint_chunk_slots // max_slots)
+        use_checkpoint = torch.is_grad_enabled() and self.training
+        if self._fused_scoring(context) and fused_path_available(tokens, embedding):
+            kept_slots = self.config.checkpoint_chunk_slots if use_checkpoint else None
+            if return_weights or bool(valid.all()):
+                return self._scores(prototypes, valid, tokens, embedding, scope, return_weights, context,
+                                    kept_slots=kept_slots)
+            return self._valid_slot_scores(prototypes, valid, tokens, embedding, context, kept_slots)
         splittable = context is not None or scope == "class"
         if self.attention is None or not splittable or num_classes <= chunk:
             return self._scores(prototypes, valid, tokens, embedding, scope, return_weights, context)
-        use_checkpoint = torch.is_grad_enabled() and self.training
         parts = []
         for start in range(0, num_classes, chunk):
             part = slice(start, start + chunk)
@@ -207,6 +226,19 @@ class HeadOptimal(nn.Module):
         sims, dists, weights = zip(*parts, strict=True)
         attention = torch.cat(weights, dim=1) if return_weights else None
         return torch.cat(sims, dim=1), torch.cat(dists, dim=1), attention
+
+    def _valid_slot_scores(self, prototypes: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor,
+                           embedding: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor], kept_slots: int | None
+                           ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Fused path on the valid slots only; unused slots get similarity 0 (distance 1) and no gradient."""
+        num_classes, max_slots, dim = prototypes.shape
+        index = valid.flatten().nonzero().squeeze(1)  # (P',)
+        chosen = [t.reshape(-1, dim).index_select(0, index)[None] for t in (prototypes, *context)]  # (1, P', D)
+        sim, _ = self.attention.gated_cosine(chosen[0], tokens, embedding, (chosen[1], chosen[2]),
+                                             kept_slots=kept_slots)  # (B, 1, P')
+        sim = sim.new_zeros(len(tokens), num_classes * max_slots).index_copy(1, index, sim[:, 0])
+        sim = sim.view(-1, num_classes, max_slots)
+        return sim, 1.0 - sim, None
 
     def score(self, pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None = None,
               return_attention: bool = False) -> tuple[HeadScores, dict[str, Any]]:

@@ -88,8 +88,8 @@ def token_similarity(tokens: torch.Tensor, prototypes: torch.Tensor, distance: s
 
 
 def patch_similarity(tokens: torch.Tensor, prototypes: torch.Tensor, distance: str = "cosine",
-                     pooling: str = "max", sharpness: float = 10.0
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     pooling: str = "max", sharpness: float = 10.0, return_map: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Patch-grounded similarity: each prototype is scored against the sample's own patch tokens.
 
     - ``max`` (ProtoPNet): the prototype's similarity to its best-matching token; the evidence is exactly
@@ -104,26 +104,36 @@ def patch_similarity(tokens: torch.Tensor, prototypes: torch.Tensor, distance: s
         prototypes: (C, M, D).
 
     Returns:
-        (similarity (B, C, M), distance (B, C, M), per-token similarity map (B, C, M, N)). The map is on the
-        similarity's own absolute scale; the score is its maximum (``max``) or its ``w``-weighted mixture.
+        (similarity (B, C, M), distance (B, C, M), per-token similarity map (B, C, M, N); with ``return_map``
+        false and soft pooling the map is None). The map is on the similarity's own absolute scale; the score is
+        its maximum (``max``) or its ``w``-weighted mixture.
     """
-    sim, dist = token_similarity(tokens, prototypes, distance)
     if pooling == "max":
+        sim, dist = token_similarity(tokens, prototypes, distance)
         return sim.amax(dim=-1), dist.amin(dim=-1), sim
     if pooling != "soft":
         raise ValueError(f"unknown patch pooling {pooling!r}; choose max or soft")
     if distance not in ("cosine", "cosine01"):
         raise ValueError("soft patch pooling is defined for cosine similarity only")
-    cosine = sim if distance == "cosine" else 2.0 * sim - 1.0
-    weights = (sharpness * cosine).softmax(dim=-1)  # (B, C, M, N)
+    # Soft pooling needs the per-token cosines only (no per-token distances): one (B·N, D) × (D, P) product kept
+    # in its (B, N, P) layout (softmax and sums over the tokens, dim 1), so no transposed copies; the
+    # (B, C, M, N) map is laid out only when asked for.
+    batch, num_tokens, dim = tokens.shape
+    num_classes, max_slots, _ = prototypes.shape
     unit = F.normalize(tokens, dim=-1)
+    flat = F.normalize(prototypes.reshape(-1, dim), dim=-1)
+    cosine = (unit.reshape(-1, dim) @ flat.t()).view(batch, num_tokens, -1)  # (B, N, P)
+    weights = (sharpness * cosine).softmax(dim=1)  # over the tokens
     gram = unit @ unit.transpose(1, 2)  # (B, N, N)
-    batch, num_classes, max_slots, num_tokens = weights.shape
-    flat = weights.reshape(batch, -1, num_tokens)  # (B, P, N)
-    squared_norm = ((flat @ gram) * flat).sum(dim=-1).reshape(batch, num_classes, max_slots)
-    pooled = (weights * cosine).sum(dim=-1) / squared_norm.clamp_min(1e-12).sqrt()
+    squared_norm = ((gram @ weights) * weights).sum(dim=1)  # (B, P): ‖Σₙ wₙ t̂ₙ‖²
+    pooled = (weights * cosine).sum(dim=1) / squared_norm.clamp_min(1e-12).sqrt()
+    pooled = pooled.view(batch, num_classes, max_slots)
     pooled = pooled if distance == "cosine" else (pooled + 1.0) / 2.0
-    return pooled, 1.0 - pooled, sim
+    token_map = None
+    if return_map:
+        token_map = cosine.transpose(1, 2).reshape(batch, num_classes, max_slots, num_tokens)
+        token_map = token_map if distance == "cosine" else (token_map + 1.0) / 2.0
+    return pooled, 1.0 - pooled, token_map
 
 
 def paired_similarity(first: torch.Tensor, second: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
