@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from protohead.backbones.base import Backbone
 from protohead.data.base import ImageSplit
-from protohead.views import VIEWS, apply_view
+from protohead.views import apply_view, check_view
 
 FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.f16"
@@ -361,9 +361,7 @@ def extract_features(backbone: Backbone, split: ImageSplit, cache_dir: str | Pat
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cache_dir = Path(cache_dir)
-    if view not in VIEWS:
-        raise ValueError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
-    key = feature_cache_key(backbone, split, view)
+    key = feature_cache_key(backbone, split, check_view(view))
     entry = cache_dir / key
     if entry.exists():  # the common case, without taking the lock
         with contextlib.suppress(CorruptCacheError):

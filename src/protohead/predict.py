@@ -132,8 +132,9 @@ class RunPredictor:
     def views(self) -> tuple[str, ...]:
         """The views each prediction averages over (:mod:`protohead.views`): the run's ``views`` when it was
         evaluated with ``tta``, else the image as it is."""
-        config = self.loaded.config
-        return view_names(config.views if config.tta else 1)
+        from protohead.pipeline import split_views
+
+        return view_names(split_views(self.loaded.config, "test"))
 
     @torch.no_grad()
     def features(self, images: Sequence[np.ndarray], view: str = "identity") -> tuple[torch.Tensor, torch.Tensor]:

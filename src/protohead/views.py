@@ -29,11 +29,17 @@ AVERAGED_KEYS = ("probabilities", "uncertainty", "ood_score")
 view's, so the pictures show the image as it is."""
 
 
+def check_view(view: str) -> str:
+    """``view`` itself when it is one of :data:`VIEWS`, else a ``ValueError`` naming the valid ones."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
+    return view
+
+
 def apply_view(images: torch.Tensor, view: str) -> torch.Tensor:
     """(B, C, S, S) → the same batch under ``view`` (one of :data:`VIEWS`); height and width must be equal for
     the rotations and transposes."""
-    if view not in VIEWS:
-        raise ValueError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
+    check_view(view)
     if view in ("rot90", "rot270", "transpose", "antitranspose") and images.shape[-1] != images.shape[-2]:
         raise ValueError(f"view {view!r} needs square inputs, got {tuple(images.shape[-2:])}")
     height, width = images.dim() - 2, images.dim() - 1
