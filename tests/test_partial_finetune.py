@@ -71,7 +71,7 @@ def partial_run(ham10000_root, feature_cache, tmp_path_factory) -> Path:
     config = load_run_config(overrides=[
         f"data={ham10000_root}", f"cache_dir={feature_cache}", "subset_per_class=3", "progress=false",
         "batch_size=8", "head.emb_dim=32", "head.num_heads=4", "epochs=2", "push_every=1", "expand_every=0",
-        "finetune=true", "finetune_blocks=1", "image_size=96", "backbone_lr=1e-2", "views=2"])
+        "finetune=true", "finetune_blocks=1", "image_size=96", "backbone_lr=1e-2", "views=2", "augment=flips"])
     run(config, run_dir)
     return run_dir
 

@@ -134,7 +134,8 @@ def test_end_to_end_finetuning_trains_the_backbone(ham10000_root, tmp_path):
 
     cfg = load_run_config(overrides=[f"data={ham10000_root}", "subset_per_class=2", "epochs=1", "batch_size=7",
                                      "finetune=true", "finetune_image_size=64", "backbone_lr=1e-3", "progress=false",
-                                     "push_every=1", "expand_every=0", "head.emb_dim=32", "head.num_heads=4"])
+                                     "augment=strong", "loader_threads=2", "push_every=1", "expand_every=0",
+                                     "head.emb_dim=32", "head.num_heads=4"])
     result = train(cfg, tmp_path / "ft")
     tensors, _ = read(tmp_path / "ft" / "checkpoints" / "last.safetensors")
     backbone_keys = [k for k in tensors if k.startswith("model/backbone.")]

@@ -6,6 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,14 @@ from torch import nn
 
 from protohead import runfolder
 from protohead.atomic import write_text_atomic
+from protohead.augment import (
+    CropJitter,
+    check_augment,
+    crop_jitter_image,
+    draw_crop_jitter,
+    random_symmetric_tokens,
+    random_symmetries,
+)
 from protohead.head import HeadOptimal
 from protohead.model import EndToEnd, build_model, head_of, model_signature, uncertainty_rule
 from protohead.posthoc import final_outputs
@@ -74,19 +83,34 @@ def feature_inputs(features: Any | Sequence[Any]) -> SplitInputs:
     return SplitInputs(fetch, size, np.asarray(views[0].labels), views=len(views))
 
 
-def image_inputs(backbone: nn.Module, split: Any, views: int = 1) -> SplitInputs:
+def image_inputs(backbone: nn.Module, split: Any, views: int = 1, augment: str = "none",
+                 threads: int = 0) -> SplitInputs:
     """SplitInputs that run the (trainable) backbone on decoded images; gradients flow when ``train``. With
-    ``views`` > 1, row ``v · n + i`` is image ``i`` under view ``v`` (:mod:`protohead.views`)."""
+    ``views`` > 1, row ``v · n + i`` is image ``i`` under view ``v`` (:mod:`protohead.views`). ``augment``
+    (:mod:`protohead.augment`) acts on training batches only; ``threads`` > 0 decode (and crop / recolour) a
+    batch's images in that many threads (PIL and torch release the GIL), 0 in the calling thread."""
     labels = torch.as_tensor(split.labels, dtype=torch.long)
     size, names = len(split), view_names(views)
+    check_augment(augment)
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="protohead-load") if threads else None
+
+    def pixels(index: int, params: CropJitter | None) -> np.ndarray:
+        image = split.load(index)
+        return backbone.resize(image) if params is None else crop_jitter_image(image, params, backbone.image_size)
 
     def fetch(indices: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         view, image = indices // size, indices % size
-        images = backbone.preprocess([split.load(int(i)) for i in image]).to(backbone.device)
+        strong = train and augment == "strong"
+        draws = draw_crop_jitter(len(image)) if strong else [None] * len(image)  # in this thread: seeded order
+        rows = image.tolist()
+        loaded = list(pool.map(pixels, rows, draws)) if pool is not None else list(map(pixels, rows, draws))
+        images = backbone.normalize(torch.from_numpy(np.stack(loaded))).to(backbone.device)
         for v in view.unique().tolist():
             if v:
                 where = view == v
                 images[where] = apply_view(images[where], names[v])
+        if train and augment != "none":
+            images = random_symmetries(images)
         backbone.train(train)
         with torch.set_grad_enabled(train and torch.is_grad_enabled()):
             tokens, pooled = backbone(images)
@@ -94,11 +118,17 @@ def image_inputs(backbone: nn.Module, split: Any, views: int = 1) -> SplitInputs
     return SplitInputs(fetch, size, np.asarray(split.labels), views=views)
 
 
-def tail_inputs(backbone: Any, front: SplitInputs, blocks: int) -> SplitInputs:
+def tail_inputs(backbone: Any, front: SplitInputs, blocks: int, augment: str = "none") -> SplitInputs:
     """SplitInputs that run the backbone's trainable last ``blocks`` blocks on cached front maps (partial
-    fine-tuning); gradients flow when ``train``. Views are the cached ones."""
+    fine-tuning); gradients flow when ``train``. Views are the cached ones; ``augment="flips"`` also turns each
+    training map by a random symmetry of the square (:func:`protohead.augment.random_symmetric_tokens`)."""
+    if check_augment(augment) == "strong":
+        raise ValueError("augment='strong' crops and recolours images; cached front maps take augment='flips'")
+
     def fetch(indices: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         maps, _, labels = front.fetch(indices, train)
+        if train and augment == "flips":
+            maps = random_symmetric_tokens(maps)
         maps = maps.to(backbone.device, non_blocking=True)
         backbone.train(train)
         with torch.set_grad_enabled(train and torch.is_grad_enabled()):
@@ -137,7 +167,7 @@ def prepare(config: RunConfig, backbone: Any = None) -> PreparedData:
         if backbone is None:
             backbone = train_backbone(build_backbone(config.backbone, config.input_size), config.finetune_blocks)
         identity = backbone_identity(backbone)
-        splits = {name: tail_inputs(backbone, inputs, config.finetune_blocks)
+        splits = {name: tail_inputs(backbone, inputs, config.finetune_blocks, config.augment)
                   for name, inputs in cached(backbone.front(config.finetune_blocks)).items()}
         return PreparedData(dataset.class_names, splits, ids, backbone.feature_dim, counts, backbone, identity,
                             dataset.splits)
@@ -145,7 +175,8 @@ def prepare(config: RunConfig, backbone: Any = None) -> PreparedData:
         if backbone is None:
             backbone = train_backbone(build_backbone(config.backbone, config.input_size))
         identity = backbone_identity(backbone)  # the starting point; the trained weights live in the checkpoint
-        splits = {name: image_inputs(backbone, dataset.splits[name], split_views(config, name)) for name in names}
+        splits = {name: image_inputs(backbone, dataset.splits[name], split_views(config, name), config.augment,
+                                     config.loader_threads) for name in names}
         return PreparedData(dataset.class_names, splits, ids, backbone.feature_dim, counts, backbone, identity,
                             dataset.splits)
     backbone = build_backbone(config.backbone, config.image_size)

@@ -56,6 +56,10 @@ class RunConfig:
     finetune_image_size: int = 160
     finetune_blocks: int = 0  # with finetune: 0 trains the whole backbone on images (at finetune_image_size); k ≥ 1
     # trains only its last k blocks + head conv on cached feature maps of the frozen rest (at image_size)
+    augment: Literal["none", "flips", "strong"] = "none"  # with finetune (protohead.augment): flips = a random
+    # symmetry of the square per image and step (of the cached front map when partial); strong (whole backbone
+    # only) = random resized crop + colour jitter + flips
+    loader_threads: int = 2  # fine-tuning the whole backbone: threads decoding (and augmenting) the next batch
     posthoc_tau: float | Literal["auto"] = "auto"  # post-hoc logit adjustment at prediction; "auto": chosen on val
     posthoc_accuracy_tolerance: float = 0.01  # "auto": val accuracy one may give up for val balanced accuracy
     calibrate: bool = True  # temperature scaling fitted on validation after the post-hoc shift
@@ -75,6 +79,13 @@ class RunConfig:
             value = getattr(self, key)
             if not valid(value):
                 raise ValueError(f"config key {key!r} = {value!r} is invalid: {rule}")
+        if self.augment != "none" and not self.finetune:
+            raise ValueError(f"config key 'augment' = {self.augment!r} acts on images or front maps while fine-tuning "
+                             "(finetune=true); frozen features take flips as cached views: views=V")
+        if self.augment == "strong" and self.finetune_blocks:
+            raise ValueError("config key 'augment' = 'strong' crops and recolours images, which partial fine-tuning "
+                             f"(finetune_blocks={self.finetune_blocks}) never sees (it trains on cached front maps); "
+                             "use augment=flips there, or finetune_blocks=0")
         if self.preset not in PRESETS and self.preset not in BASELINES:
             raise ValueError(f"unknown preset {self.preset!r}; choose a head preset ({', '.join(sorted(PRESETS))}) "
                              f"or a baseline ({', '.join(BASELINES)})")
@@ -146,6 +157,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "image_size": (lambda v: v >= 32, "image_size must be ≥ 32"),
     "finetune_image_size": (lambda v: v >= 32, "finetune_image_size must be ≥ 32"),
     "finetune_blocks": (lambda v: v >= 0, "finetune_blocks must be ≥ 0 (0: the whole backbone)"),
+    "loader_threads": (lambda v: v >= 0, "loader_threads must be ≥ 0 (0: decode in the training thread)"),
     "lr": (lambda v: _finite(v) and v > 0, "learning rates must be positive and finite"),
     "backbone_lr": (lambda v: _finite(v) and v > 0, "learning rates must be positive and finite"),
     "weight_decay": (lambda v: _finite(v) and v >= 0, "weight_decay must be finite and ≥ 0"),
