@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protohead import PRESET_DESCRIPTIONS, PRESETS, Head, HeadOptimal
+from protohead import PRESET_DESCRIPTIONS, PRESETS, Head, HeadOptimal, losses
 
 SMALL = dict(num_classes=5, emb_dim=32, num_heads=4, img_feat_dim=24, num_prototypes=2, max_prototypes=4)
 
@@ -221,6 +221,23 @@ def test_bad_configuration_is_a_clear_error():
         HeadOptimal(preset="nope")
     with pytest.raises(ValueError, match="distance"):
         HeadOptimal(distance="manhattan")
+    with pytest.raises(ValueError, match=r"abstention_payoff must be in \[1, num_classes=7\]"):
+        HeadOptimal(use_abstention=True, abstention_payoff=7.5)
+
+
+def test_the_objective_pays_abstention_at_the_configured_odds():
+    """abstention_payoff reaches the loss: the detached abstention term is Deep Gamblers' −log((1−α)p_y + α/o)."""
+    torch.manual_seed(0)
+    pool, img, labels = batch()
+    terms = {}
+    for payoff in (1.0, 2.2):
+        torch.manual_seed(0)
+        head = HeadOptimal(**SMALL, use_abstention=True, abstention_scale=0.0, abstention_payoff=payoff).eval()
+        scores, _ = head.score(pool, img, labels)
+        _, terms[payoff] = head.objective(scores, labels)
+        want, _ = losses.abstention_loss(scores.logits.detach(), scores.abstain_logit, labels, 0.0, payoff=payoff)
+        torch.testing.assert_close(terms[payoff]["abstention"], want)
+    assert float(terms[2.2]["abstention"]) > float(terms[1.0]["abstention"])  # the same α pays back less
 
 
 def test_pooled_vector_with_singleton_axis_is_accepted():

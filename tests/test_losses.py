@@ -77,14 +77,14 @@ def oracle_ce(logits, labels, weights, gamma):
     return num / den
 
 
-def oracle_abstention(logits, abstain, labels, scale):
+def oracle_abstention(logits, abstain, labels, scale, payoff=1.0):
     nll, pen = [], []
     for i in range(len(labels)):
         z = torch.cat([logits[i], abstain[i : i + 1]]).double()
         alpha = float(torch.softmax(z, 0)[-1])
         p = torch.softmax(logits[i].double(), 0)
         virtual = (1 - alpha) * p
-        virtual[labels[i]] += alpha
+        virtual[labels[i]] += alpha / payoff
         nll.append(-math.log(float(virtual[labels[i]])))
         pen.append(-math.log(1 - alpha))
     return sum(nll) / len(nll) + scale * sum(pen) / len(pen), sum(pen) / len(pen)
@@ -203,6 +203,25 @@ def test_abstention_matches_oracle(case):
     want_total, want_penalty = oracle_abstention(logits, abstain, labels, 0.1)
     assert float(total) == pytest.approx(want_total, rel=1e-9)
     assert float(penalty) == pytest.approx(want_penalty, rel=1e-9)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_deep_gamblers_payoff_matches_oracle_and_makes_abstaining_pay_less(case):
+    dist, _, _, _, labels = make_case(**case)
+    logits, abstain = dist[:, :, 0] * 3, dist[:, 0, -1] * 2
+    total, _ = losses.abstention_loss(logits, abstain, labels, scale=0.0, payoff=2.2)
+    want_total, _ = oracle_abstention(logits, abstain, labels, 0.0, payoff=2.2)
+    assert float(total) == pytest.approx(want_total, rel=1e-9)
+    # abstaining pays at odds 1/o: raising α lowers the loss exactly where the true class has p_y < 1/o
+    logits = torch.randn(200, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.arange(200) % 7
+    p_true = torch.softmax(logits, 1)[torch.arange(200), labels]
+    for payoff in (1.0, 2.2, 7.0):
+        abstain = torch.zeros(200, dtype=torch.float64, requires_grad=True)
+        losses.abstention_loss(logits, abstain, labels, scale=0.0, payoff=payoff)[0].backward()
+        torch.testing.assert_close(torch.sign(abstain.grad), torch.sign(p_true - 1 / payoff))
+    with pytest.raises(ValueError, match="payoff must be finite and ≥ 1"):
+        losses.abstention_loss(logits, abstain, labels, payoff=0.5)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -37,6 +37,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # the seed's abstention (NLL in place of CE, shared-embedding abstain logit, λ = 0.1), kept for §2.4 / §6.2
     "uncertainty+seed_abstention": ("uncertainty", {"abstention_mode": "coupled", "abstention_scale": 0.1}),
     "optimal+seed_abstention": ("optimal", {"abstention_mode": "coupled", "abstention_scale": 0.1}),
+    # Deep Gamblers' payoff in place of ProtoASNet's penalty (o = 2.2, the FD-Shifts CIFAR-10 setting), issue 10
+    "uncertainty+gamblers": ("uncertainty", {"abstention_payoff": 2.2, "abstention_scale": 0.0}),
+    "optimal+gamblers": ("optimal", {"abstention_payoff": 2.2, "abstention_scale": 0.0}),
 }
 
 

@@ -75,6 +75,8 @@ class HeadConfig:
     # cross-entropy and the abstain logit is T·cos(embedding, abstention prototype).
     abstention_mode: Literal["detached", "coupled"] = "detached"
     abstention_scale: float = 0.7  # λ of the −λ·log(1−α) penalty: ProtoASNet's image setting (the seed used 0.1)
+    abstention_payoff: float = 1.0  # o: abstaining pays α/o; 1 = ProtoASNet's form, o ∈ (1, K] with abstention_scale
+    # 0 = Deep Gamblers (Liu et al., NeurIPS 2019)
     num_abstention_prototypes: int = 1
     use_uncertainty_weighting: bool = True
     # dynamic prototypes
@@ -125,6 +127,9 @@ class HeadConfig:
             raise ValueError(f"temperature must be positive and finite, got {self.temperature}")
         if not 0 <= self.logit_adjustment < math.inf:
             raise ValueError(f"logit_adjustment must be finite and >= 0, got {self.logit_adjustment}")
+        if not 1 <= self.abstention_payoff <= self.num_classes:
+            raise ValueError(f"abstention_payoff must be in [1, num_classes={self.num_classes}] (abstaining at "
+                             f"odds above K pays less than a uniform guess), got {self.abstention_payoff}")
         if not 0 <= self.focal_gamma < math.inf:
             raise ValueError(f"focal_gamma must be finite and >= 0, got {self.focal_gamma}")
         if self.class_counts is not None:

@@ -96,11 +96,11 @@ class PrototypeObjective:
         abstention = logits.new_zeros(())
         if scores.abstain_logit is not None and cfg.abstention_mode == "coupled":  # the document's: NLL replaces CE
             terms["abstention"], terms["abstention_penalty"] = losses.abstention_loss(
-                train_logits, scores.abstain_logit, labels, cfg.abstention_scale, ce_weights)
+                train_logits, scores.abstain_logit, labels, cfg.abstention_scale, ce_weights, cfg.abstention_payoff)
             classification = terms["abstention"]
         elif scores.abstain_logit is not None:  # learned beside the classifier, from its detached logits
             abstention, terms["abstention_penalty"] = losses.abstention_loss(
-                logits.detach(), scores.abstain_logit, labels, cfg.abstention_scale)
+                logits.detach(), scores.abstain_logit, labels, cfg.abstention_scale, payoff=cfg.abstention_payoff)
             terms["abstention"] = abstention
         prototypes = state["prototypes"]
         weighted_terms = {
