@@ -66,3 +66,25 @@ def test_tail_classes_come_from_the_training_counts():
     names = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
     assert tail_classes(names, [228, 359, 769, 80, 779, 4693, 99]) == ("df", "vasc", "akiec")
     assert tail_classes(("a", "b"), [5, 1]) == ("b",)
+
+
+def test_fine_tuning_cells_each_start_from_the_pretrained_backbone(ham10000_root, feature_cache, tmp_path):
+    """A fine-tuned backbone trains in place, so each fine-tuning cell prepares its own; reusing prepared inputs
+    for a second fine-tuning run is refused rather than silently starting from the first run's weights."""
+    import pytest
+
+    from protohead.pipeline import prepare, train
+    from protohead.runconfig import load_run_config
+
+    tune = ["finetune=true", "finetune_blocks=1", "image_size=64", "subset_per_class=3", "epochs=1",
+            "batch_size=8", "head.emb_dim=32", "head.num_heads=4", "progress=false", f"cache_dir={feature_cache}"]
+    out = tmp_path / "cmp"
+    assert cli(["compare", "--seeds", "2", "--columns", "linear", "--data", str(ham10000_root), "--out", str(out),
+                *tune]) == 0
+    first, second = (json.loads((out / "cells" / f"linear-seed{s}" / "cell.json").read_text()) for s in (0, 1))
+    assert first["config"]["finetune"] and second["config"]["seed"] == 1
+    config = load_run_config(overrides=[f"data={ham10000_root}", *tune])
+    data = prepare(config)
+    train(config, tmp_path / "one", data=data)
+    with pytest.raises(ValueError, match="fine-tuned in place by an earlier run"):
+        train(config, tmp_path / "two", data=data)

@@ -87,14 +87,15 @@ def summarise_history(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_cell(config: RunConfig, cell_dir: Path, data: Any) -> dict[str, Any]:
-    """Train one cell, select on val, evaluate on test, and collect the claim diagnostics."""
+    """Train one cell, select on val, evaluate on test, and collect the claim diagnostics. Fine-tuning cells
+    prepare their own inputs (each trains a fresh backbone; the front-map cache is shared)."""
     from protohead.evaluation import aurc
     from protohead.pipeline import evaluate_model, train
 
     started = time.perf_counter()
-    result = train(config, cell_dir, overwrite=True, data=data)
+    result = train(config, cell_dir, overwrite=True, data=None if config.finetune else data)
     train_seconds = time.perf_counter() - started
-    model = result["model"]  # the selected (best) checkpoint's state
+    model, data = result["model"], result["data"]  # the selected (best) checkpoint's state, its inputs
     metrics = evaluate_model(model, data, "test", cell_dir, config.eval_batch_size, result["best"])
     cell: dict[str, Any] = {"config": config.to_dict(), "metrics": metrics, "train_s": train_seconds,
                             "best_epoch": result["best"]["epoch"], **summarise_history(result["history"])}

@@ -49,6 +49,7 @@ class PreparedData:
     backbone: nn.Module | None = None  # set when fine-tuning end to end
     backbone_identity: dict[str, Any] | None = None  # name, image size, cache key (see runfolder.describe_run)
     images: dict[str, Any] | None = None  # the ImageSplits behind the inputs (lazy loaders), by split name
+    trained: bool = False  # a run has trained ``backbone`` in place: these inputs serve no second run
 
 
 def load_data(config: RunConfig):  # -> ImageDataset
@@ -276,6 +277,10 @@ def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) ->
     model = build_model(config, len(data.class_names), data.feature_dim, data.class_counts)
     extra = None
     if data.backbone is not None:
+        if data.trained:
+            raise ValueError("these prepared inputs' backbone was fine-tuned in place by an earlier run; a second "
+                             "run would start from its weights, not the pretrained ones: prepare the data again")
+        data.trained = True
         model = EndToEnd(data.backbone, model)
         extra = [p for p in data.backbone.parameters() if p.requires_grad]
     model.to(resolve_device(config.device))  # batches follow the model (protohead.device.to_device)
