@@ -1,0 +1,82 @@
+"""Near-OOD headroom of the frozen backbone features themselves: is an unseen lesion class far from the others?
+
+For each held-out class X of HAM10000 (official split): fit on the training images of every *other* class, then
+score the test images — X's as OOD, the rest as in-distribution — with two head-free feature-space scores:
+
+- ``mahalanobis``: min over the seen classes of the Mahalanobis distance to the class mean (shared covariance,
+  shrunk by 1e-3 · mean variance; Lee et al. 2018) on the pooled (B, F) features;
+- ``knn@k``: minus the cosine similarity to the k-th nearest training image (Sun et al. 2022), k = 10 and 50.
+
+No head is trained, so this is what any head on these features can hope for; compare with the heads' own scores
+in BENCHMARKS §8 (``bench_ood.py near-ood``). Reads the official split's cached Lite0 features (extracts them
+first if the cache is empty, ≈ 5 min)::
+
+    .venv/bin/python benchmarks/bench_near_ood_features.py mel vasc df [--cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from protohead.backbones import build_backbone
+from protohead.features import extract_features
+from protohead.pipeline import default_cache_dir, load_data
+from protohead.runconfig import load_run_config
+
+SHRINKAGE = 1e-3
+
+
+def mahalanobis_score(train: np.ndarray, labels: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """(n, F) training features of the seen classes, their labels, (m, F) test features → (m,) min distance²."""
+    classes = np.unique(labels)
+    means = np.stack([train[labels == c].mean(0) for c in classes])
+    centred = train - means[np.searchsorted(classes, labels)]
+    covariance = centred.T @ centred / len(train)
+    covariance += SHRINKAGE * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
+    precision = np.linalg.inv(covariance)
+    distances = [np.einsum("ij,jk,ik->i", test - mean, precision, test - mean) for mean in means]
+    return np.min(np.stack(distances, 1), 1)
+
+
+def knn_score(train: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
+    """−cos(test, its k-th nearest training row) (m,): higher = further from everything seen."""
+    def unit(x: np.ndarray) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
+    similarity = unit(test) @ unit(train).T
+    return -similarity.topk(k, dim=1).values[:, -1].numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("held_out", nargs="+", help="class names to hold out, one at a time (e.g. mel vasc df)")
+    parser.add_argument("--cache", type=Path, help="feature cache folder (default: the user cache)")
+    args = parser.parse_args()
+    config = load_run_config(overrides=["progress=false"])
+    dataset = load_data(config)
+    backbone = build_backbone(config.backbone, config.image_size)
+    cache = args.cache or default_cache_dir() / "features"
+    features = {name: extract_features(backbone, dataset.splits[name], cache, progress=False)
+                for name in ("train", "test")}
+    pooled = {name: np.asarray(fs.pooled, dtype=np.float32) for name, fs in features.items()}
+    labels = {name: np.asarray(fs.labels) for name, fs in features.items()}
+    print("| held-out class | test images | mahalanobis | knn@10 | knn@50 |\n|---|---:|---|---|---|")
+    for name in args.held_out:
+        if name not in dataset.class_names:
+            parser.error(f"unknown class {name!r}; choose from {', '.join(dataset.class_names)}")
+        held = dataset.class_names.index(name)
+        seen = labels["train"] != held
+        train, train_labels = pooled["train"][seen], labels["train"][seen]
+        is_ood = (labels["test"] == held).astype(int)
+        scores = [mahalanobis_score(train, train_labels, pooled["test"]),
+                  knn_score(train, pooled["test"], 10), knn_score(train, pooled["test"], 50)]
+        print(f"| {name} | {is_ood.sum()} | " + " | ".join(f"{roc_auc_score(is_ood, s):.3f}" for s in scores) + " |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
