@@ -110,17 +110,51 @@ def test_image_inputs_augment_training_batches_only_and_reproducibly(ham10000_ro
     captured: list[torch.Tensor] = []
     backbone.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().clone()))
     indices = torch.arange(4)
-    for threads in (0, 2):
+    for threads, ahead in ((0, False), (2, False), (2, True)):
         inputs = image_inputs(backbone, split, augment="strong", threads=threads)
+        assert (inputs.prefetch is not None) == (threads > 0)
         torch.manual_seed(1)
-        inputs.fetch(indices, True)
-        inputs.fetch(indices, True)
-        inputs.fetch(indices, False)
-        inputs.fetch(indices, False)
+        for train in (True, True, False, False):
+            if ahead:  # what the trainer does: the next batch starts decoding before it is fetched
+                inputs.prefetch(indices, train)
+            inputs.fetch(indices, train)
     plain = backbone.preprocess([split.load(i) for i in range(4)])
     first, second, evaluated, again = captured[:4]
     assert not torch.allclose(first, second)  # a new crop, colour and symmetry at every step
     torch.testing.assert_close(evaluated, plain)  # validation / test / push see the images as they are
     torch.testing.assert_close(again, plain)
-    for unthreaded, threaded in zip(captured[:4], captured[4:], strict=True):  # threads change nothing
-        torch.testing.assert_close(threaded, unthreaded, rtol=0, atol=0)
+    for k in (4, 8):  # threads and prefetching change nothing: the same draws, in the same order
+        for unthreaded, threaded in zip(captured[:4], captured[k:k + 4], strict=True):
+            torch.testing.assert_close(threaded, unthreaded, rtol=0, atol=0)
+
+
+def test_an_augmented_fine_tune_resumes_to_the_same_weights(ham10000_root, tmp_path, monkeypatch):
+    """Crops, colours and symmetries come from torch's generator, which checkpoints restore, and the prefetching
+    loader draws them in a fixed order: a stopped and resumed run ends bit-identical to an uninterrupted one."""
+    pytest.importorskip("torchvision")
+    from protohead.pipeline import train
+    from protohead.training import loop
+    from protohead.training.checkpoint import read_checkpoint
+
+    config = load_run_config(overrides=[
+        f"data={ham10000_root}", "subset_per_class=2", "epochs=2", "batch_size=5", "finetune=true",
+        "finetune_image_size=48", "augment=strong", "loader_threads=2", "progress=false", "push_every=0",
+        "expand_every=0", "preset=basic", "head.emb_dim=16", "head.num_heads=2", "posthoc_tau=0", "calibrate=false"])
+    train(config, tmp_path / "straight")
+    original = loop.Trainer.train_epoch
+
+    def stop_in_epoch_two(self, epoch, *args, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated stop")
+        return original(self, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Trainer, "train_epoch", stop_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "stopped")
+    monkeypatch.setattr(loop.Trainer, "train_epoch", original)
+    train(config, tmp_path / "stopped", resume=True)
+    straight, _ = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors")
+    resumed, _ = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=0, equal_nan=True, msg=key)

@@ -6,7 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,22 +89,39 @@ def image_inputs(backbone: nn.Module, split: Any, views: int = 1, augment: str =
     """SplitInputs that run the (trainable) backbone on decoded images; gradients flow when ``train``. With
     ``views`` > 1, row ``v · n + i`` is image ``i`` under view ``v`` (:mod:`protohead.views`). ``augment``
     (:mod:`protohead.augment`) acts on training batches only; ``threads`` > 0 decode (and crop / recolour) a
-    batch's images in that many threads (PIL and torch release the GIL), 0 in the calling thread."""
+    batch's images in that many threads (PIL and torch release the GIL), 0 in the calling thread; with threads,
+    :attr:`SplitInputs.prefetch` starts decoding the next batch while the current one trains."""
     labels = torch.as_tensor(split.labels, dtype=torch.long)
     size, names = len(split), view_names(views)
     check_augment(augment)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="protohead-load") if threads else None
+    pending: dict[tuple[tuple[int, ...], bool], list[Future[np.ndarray]]] = {}
 
     def pixels(index: int, params: CropJitter | None) -> np.ndarray:
         image = split.load(index)
         return backbone.resize(image) if params is None else crop_jitter_image(image, params, backbone.image_size)
 
+    def submit(indices: torch.Tensor, train: bool) -> list[Future[np.ndarray]]:
+        assert pool is not None
+        rows = (indices % size).tolist()
+        draws = draw_crop_jitter(len(rows)) if train and augment == "strong" else [None] * len(rows)
+        return [pool.submit(pixels, row, params) for row, params in zip(rows, draws, strict=True)]
+
+    def prefetch(indices: torch.Tensor, train: bool) -> None:
+        """Start decoding a batch that a later :func:`fetch` of the same rows will take (its random crops and
+        colours are drawn now, in this thread, so the order of draws is fixed)."""
+        key = (tuple(indices.tolist()), train)
+        if key not in pending:
+            pending[key] = submit(indices, train)
+
     def fetch(indices: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         view, image = indices // size, indices % size
-        strong = train and augment == "strong"
-        draws = draw_crop_jitter(len(image)) if strong else [None] * len(image)  # in this thread: seeded order
-        rows = image.tolist()
-        loaded = list(pool.map(pixels, rows, draws)) if pool is not None else list(map(pixels, rows, draws))
+        if pool is None:
+            draws = draw_crop_jitter(len(image)) if train and augment == "strong" else [None] * len(image)
+            loaded = list(map(pixels, image.tolist(), draws))
+        else:
+            futures = pending.pop((tuple(indices.tolist()), train), None) or submit(indices, train)
+            loaded = [future.result() for future in futures]
         images = backbone.normalize(torch.from_numpy(np.stack(loaded))).to(backbone.device)
         for v in view.unique().tolist():
             if v:
@@ -116,7 +133,7 @@ def image_inputs(backbone: nn.Module, split: Any, views: int = 1, augment: str =
         with torch.set_grad_enabled(train and torch.is_grad_enabled()):
             tokens, pooled = backbone(images)
         return tokens, pooled, labels[image]
-    return SplitInputs(fetch, size, np.asarray(split.labels), views=views)
+    return SplitInputs(fetch, size, np.asarray(split.labels), views=views, prefetch=prefetch if pool else None)
 
 
 def tail_inputs(backbone: Any, front: SplitInputs, blocks: int, augment: str = "none") -> SplitInputs:

@@ -53,6 +53,7 @@ class SplitInputs:
     size: int
     labels: np.ndarray
     views: int = 1
+    prefetch: Callable[[torch.Tensor, bool], None] | None = None  # start loading rows a later fetch will ask for
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -208,13 +209,16 @@ class Trainer:
         steps = 0
         from tqdm.auto import tqdm
 
-        bar = tqdm(list(batches_of(order, config.batch_size)), desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not config.progress, leave=False)
+        batches = list(batches_of(order, config.batch_size))
+        prefetch = self.train_split.prefetch
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress, leave=False)
         for i, indices in enumerate(bar):
             step = epoch * self.steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * schedule(step)
             tokens, pooled, labels = to_device(self.train_split.fetch(distributed.shard(indices), True), self.device)
+            if prefetch is not None and i + 1 < len(batches):  # the next batch decodes while this one trains
+                prefetch(distributed.shard(batches[i + 1]), True)
             with autocast(self.device, config.amp):
                 scores, _ = model.score(tokens, pooled, labels)
                 global_labels = labels if self.gather is None else self.gather(labels)
