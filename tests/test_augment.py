@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_resume_is_exact
 
 from protohead.augment import (
     CROP_RATIO,
@@ -133,28 +134,9 @@ def test_an_augmented_fine_tune_resumes_to_the_same_weights(ham10000_root, tmp_p
     loader draws them in a fixed order: a stopped and resumed run ends bit-identical to an uninterrupted one."""
     pytest.importorskip("torchvision")
     from protohead.pipeline import train
-    from protohead.training import loop
-    from protohead.training.checkpoint import read_checkpoint
 
     config = load_run_config(overrides=[
         f"data={ham10000_root}", "subset_per_class=2", "epochs=2", "batch_size=5", "finetune=true",
         "finetune_image_size=48", "augment=strong", "loader_threads=2", "progress=false", "push_every=0",
         "expand_every=0", "preset=basic", "head.emb_dim=16", "head.num_heads=2", "posthoc_tau=0", "calibrate=false"])
-    train(config, tmp_path / "straight")
-    original = loop.Trainer.train_epoch
-
-    def stop_in_epoch_two(self, epoch, *args, **kwargs):
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated stop")
-        return original(self, epoch, *args, **kwargs)
-
-    monkeypatch.setattr(loop.Trainer, "train_epoch", stop_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "stopped")
-    monkeypatch.setattr(loop.Trainer, "train_epoch", original)
-    train(config, tmp_path / "stopped", resume=True)
-    straight, _ = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors")
-    resumed, _ = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.safetensors")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    assert_resume_is_exact(lambda run_dir, resume: train(config, run_dir, resume=resume), tmp_path, monkeypatch, 1)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_resume_is_exact
 
 from protohead.cli.main import main as cli
 from protohead.pipeline import run
@@ -51,27 +52,7 @@ def test_baseline_and_abstention_runs(ham10000_root, feature_cache, tmp_path, mo
 
 def test_resume_continues_to_the_same_result(ham10000_root, feature_cache, tmp_path, monkeypatch):
     cfg = config(ham10000_root, feature_cache, "epochs=4", "push_every=2", "expand_every=2")
-    run(cfg, tmp_path / "straight")
-
-    from protohead.training import loop
-
-    original = loop.Trainer.train_epoch
-
-    def crash_in_epoch_three(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt("simulated stop")
-        return original(self, epoch)
-
-    monkeypatch.setattr(loop.Trainer, "train_epoch", crash_in_epoch_three)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "stopped")
-    monkeypatch.setattr(loop.Trainer, "train_epoch", original)
-    run(cfg, tmp_path / "stopped", resume=True)
-    straight, _ = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors")
-    resumed, _ = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.safetensors")
-    assert straight.keys() == resumed.keys()
-    for key in straight:  # bit-identical (NaN marks never-pushed slots)
-        torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    assert_resume_is_exact(lambda run_dir, resume: run(cfg, run_dir, resume=resume), tmp_path, monkeypatch, 2)
 
 
 def test_checkpoint_corruption_is_reported(ham10000_root, feature_cache, tmp_path):
