@@ -52,11 +52,11 @@ def random_symmetries(grids: torch.Tensor) -> torch.Tensor:
     """(B, C, S, S) → each row under a random symmetry of the square (uniform over the 8 views)."""
     if grids.shape[-1] != grids.shape[-2]:
         raise ValueError(f"random symmetries need square grids, got {tuple(grids.shape[-2:])}")
-    chosen = torch.randint(MAX_VIEWS, (grids.shape[0],))
+    chosen = torch.randint(MAX_VIEWS, (grids.shape[0],))  # torch's CPU generator: the one checkpoints save
     result = grids.clone()
     for view in chosen.unique().tolist():
         if view:
-            where = chosen == view
+            where = (chosen == view).to(grids.device)
             result[where] = apply_view(grids[where], VIEWS[view])
     return result
 

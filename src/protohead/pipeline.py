@@ -122,13 +122,14 @@ def image_inputs(backbone: nn.Module, split: Any, views: int = 1, augment: str =
         else:
             futures = pending.pop((tuple(indices.tolist()), train), None) or submit(indices, train)
             loaded = [future.result() for future in futures]
-        images = backbone.normalize(torch.from_numpy(np.stack(loaded))).to(backbone.device)
+        images = backbone.normalize(torch.from_numpy(np.stack(loaded)))  # views and flips on the CPU, as the masks
         for v in view.unique().tolist():
             if v:
                 where = view == v
                 images[where] = apply_view(images[where], names[v])
         if train and augment != "none":
             images = random_symmetries(images)
+        images = images.to(backbone.device, non_blocking=True)
         backbone.train(train)
         with torch.set_grad_enabled(train and torch.is_grad_enabled()):
             tokens, pooled = backbone(images)
