@@ -225,19 +225,23 @@ def test_bad_configuration_is_a_clear_error():
         HeadOptimal(use_abstention=True, abstention_payoff=7.5)
 
 
-def test_the_objective_pays_abstention_at_the_configured_odds():
-    """abstention_payoff reaches the loss: the detached abstention term is Deep Gamblers' −log((1−α)p_y + α/o)."""
-    torch.manual_seed(0)
+@pytest.mark.parametrize("mode", ["detached", "coupled"])
+def test_the_objective_pays_abstention_at_the_configured_odds(mode):
+    """abstention_payoff reaches the loss in both modes: Deep Gamblers' −log((1−α)p_y + α/o) on the detached class
+    logits (detached) or on the logits the classifier trains with (coupled, as in the paper)."""
     pool, img, labels = batch()
-    terms = {}
-    for payoff in (1.0, 2.2):
-        torch.manual_seed(0)
-        head = HeadOptimal(**SMALL, use_abstention=True, abstention_scale=0.0, abstention_payoff=payoff).eval()
-        scores, _ = head.score(pool, img, labels)
-        _, terms[payoff] = head.objective(scores, labels)
-        want, _ = losses.abstention_loss(scores.logits.detach(), scores.abstain_logit, labels, 0.0, payoff=payoff)
-        torch.testing.assert_close(terms[payoff]["abstention"], want)
-    assert float(terms[2.2]["abstention"]) > float(terms[1.0]["abstention"])  # the same α pays back less
+    torch.manual_seed(0)
+    head = HeadOptimal(**SMALL, use_abstention=True, abstention_mode=mode, abstention_scale=0.0,
+                       abstention_payoff=2.2).eval()
+    scores, _ = head.score(pool, img, labels)
+    _, terms = head.objective(scores, labels)
+    logits = scores.logits.detach() if mode == "detached" else scores.logits
+    want, _ = losses.abstention_loss(logits, scores.abstain_logit, labels, 0.0, payoff=2.2)
+    torch.testing.assert_close(terms["abstention"], want)
+    paid_in_full, _ = losses.abstention_loss(logits, scores.abstain_logit, labels, 0.0, payoff=1.0)
+    assert float(terms["abstention"]) > float(paid_in_full)  # the same α pays back less at odds 1/2.2
+    with pytest.raises(ValueError, match="rewards abstaining on every sample"):
+        HeadOptimal(**SMALL, use_abstention=True, abstention_scale=0.0)
 
 
 def test_pooled_vector_with_singleton_axis_is_accepted():

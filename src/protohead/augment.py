@@ -91,7 +91,9 @@ class CropJitter:
         ratio = math.exp(self.log_ratio)
         crop_w = min(width, max(1, round(math.sqrt(self.area * height * width * ratio))))
         crop_h = min(height, max(1, round(math.sqrt(self.area * height * width / ratio))))
-        return round((height - crop_h) * self.top), round((width - crop_w) * self.left), crop_h, crop_w
+        top = min(height - crop_h, math.floor(self.top * (height - crop_h + 1)))  # every place equally likely
+        left = min(width - crop_w, math.floor(self.left * (width - crop_w + 1)))
+        return top, left, crop_h, crop_w
 
 
 def draw_crop_jitter(count: int) -> list[CropJitter]:
@@ -112,9 +114,12 @@ def draw_crop_jitter(count: int) -> list[CropJitter]:
 def crop_jitter_image(image: np.ndarray, params: CropJitter, size: int) -> np.ndarray:
     """(H, W, 3) uint8 → (size, size, 3) uint8: the crop resized (bilinear, antialiased), then brightness, contrast,
     saturation and hue as ``params`` say (torchvision's functional transforms)."""
+    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got shape={getattr(image, 'shape', None)} "
+                         f"dtype={getattr(image, 'dtype', None)}")
     functional = _torchvision_functional()
     top, left, crop_h, crop_w = params.box(*image.shape[:2])
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # a copy: loaders may share theirs
+    pixels = torch.from_numpy(image.copy()).permute(2, 0, 1)  # a copy: loaders may share theirs
     pixels = functional.resized_crop(pixels, top, left, crop_h, crop_w, [size, size], antialias=True)
     pixels = functional.adjust_brightness(pixels, params.brightness)
     pixels = functional.adjust_contrast(pixels, params.contrast)

@@ -76,7 +76,8 @@ class HeadConfig:
     abstention_mode: Literal["detached", "coupled"] = "detached"
     abstention_scale: float = 0.7  # λ of the −λ·log(1−α) penalty: ProtoASNet's image setting (the seed used 0.1)
     abstention_payoff: float = 1.0  # o: abstaining pays α/o; 1 = ProtoASNet's form, o ∈ (1, K] with abstention_scale
-    # 0 = Deep Gamblers (Liu et al., NeurIPS 2019)
+    # 0 = Deep Gamblers' loss (Liu et al., NeurIPS 2019) — for the abstain output alone in "detached" mode, for the
+    # whole (K + 1)-way output as in the paper in "coupled" mode
     num_abstention_prototypes: int = 1
     use_uncertainty_weighting: bool = True
     # dynamic prototypes
@@ -130,6 +131,9 @@ class HeadConfig:
         if not 1 <= self.abstention_payoff <= self.num_classes:
             raise ValueError(f"abstention_payoff must be in [1, num_classes={self.num_classes}] (abstaining at "
                              f"odds above K pays less than a uniform guess), got {self.abstention_payoff}")
+        if self.use_abstention and self.abstention_payoff == 1 and self.abstention_scale == 0:
+            raise ValueError("abstention_payoff=1 with abstention_scale=0 rewards abstaining on every sample "
+                             "(α → 1): give a penalty (abstention_scale > 0) or a payoff above 1")
         if not 0 <= self.focal_gamma < math.inf:
             raise ValueError(f"focal_gamma must be finite and >= 0, got {self.focal_gamma}")
         if self.class_counts is not None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,39 +90,41 @@ def image_inputs(backbone: nn.Module, split: Any, views: int = 1, augment: str =
     ``views`` > 1, row ``v · n + i`` is image ``i`` under view ``v`` (:mod:`protohead.views`). ``augment``
     (:mod:`protohead.augment`) acts on training batches only; ``threads`` > 0 decode (and crop / recolour) a
     batch's images in that many threads (PIL and torch release the GIL), 0 in the calling thread; with threads,
-    :attr:`SplitInputs.prefetch` starts decoding the next batch while the current one trains."""
+    :attr:`SplitInputs.prefetch` (which the trainer calls for the next batch) decodes it while the current one
+    trains."""
     labels = torch.as_tensor(split.labels, dtype=torch.long)
     size, names = len(split), view_names(views)
     check_augment(augment)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="protohead-load") if threads else None
-    pending: dict[tuple[tuple[int, ...], bool], list[Future[np.ndarray]]] = {}
+    pending: dict[tuple[tuple[int, ...], bool], Callable[[], list[np.ndarray]]] = {}
 
     def pixels(index: int, params: CropJitter | None) -> np.ndarray:
         image = split.load(index)
         return backbone.resize(image) if params is None else crop_jitter_image(image, params, backbone.image_size)
 
-    def submit(indices: torch.Tensor, train: bool) -> list[Future[np.ndarray]]:
-        assert pool is not None
+    def start(indices: torch.Tensor, train: bool) -> Callable[[], list[np.ndarray]]:
+        """Draw the batch's random crops and colours now, in this thread, and start decoding it in the pool (if
+        any); the returned call waits for its (S, S, 3) uint8 images."""
         rows = (indices % size).tolist()
         draws = draw_crop_jitter(len(rows)) if train and augment == "strong" else [None] * len(rows)
-        return [pool.submit(pixels, row, params) for row, params in zip(rows, draws, strict=True)]
+        if pool is None:
+            return lambda: list(map(pixels, rows, draws))
+        futures = [pool.submit(pixels, row, params) for row, params in zip(rows, draws, strict=True)]
+        return lambda: [future.result() for future in futures]
 
     def prefetch(indices: torch.Tensor, train: bool) -> None:
-        """Start decoding a batch that a later :func:`fetch` of the same rows will take (its random crops and
-        colours are drawn now, in this thread, so the order of draws is fixed)."""
+        """Start a batch that a later :func:`fetch` of the same rows will take. Its random draws happen here with
+        or without threads, so ``threads`` changes the speed, never the draws."""
         key = (tuple(indices.tolist()), train)
         if key not in pending:
-            pending[key] = submit(indices, train)
+            pending[key] = start(indices, train)
 
     def fetch(indices: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         view, image = indices // size, indices % size
-        if pool is None:
-            draws = draw_crop_jitter(len(image)) if train and augment == "strong" else [None] * len(image)
-            loaded = list(map(pixels, image.tolist(), draws))
-        else:
-            futures = pending.pop((tuple(indices.tolist()), train), None) or submit(indices, train)
-            loaded = [future.result() for future in futures]
-        images = backbone.normalize(torch.from_numpy(np.stack(loaded)))  # views and flips on the CPU, as the masks
+        loaded = (pending.pop((tuple(indices.tolist()), train), None) or start(indices, train))()
+        side = backbone.image_size
+        batch = np.stack(loaded) if loaded else np.empty((0, side, side, 3), dtype=np.uint8)  # an empty shard
+        images = backbone.normalize(torch.from_numpy(batch))  # views and flips on the CPU, as the masks
         for v in view.unique().tolist():
             if v:
                 where = view == v
@@ -134,7 +136,7 @@ def image_inputs(backbone: nn.Module, split: Any, views: int = 1, augment: str =
         with torch.set_grad_enabled(train and torch.is_grad_enabled()):
             tokens, pooled = backbone(images)
         return tokens, pooled, labels[image]
-    return SplitInputs(fetch, size, np.asarray(split.labels), views=views, prefetch=prefetch if pool else None)
+    return SplitInputs(fetch, size, np.asarray(split.labels), views=views, prefetch=prefetch)
 
 
 def tail_inputs(backbone: Any, front: SplitInputs, blocks: int, augment: str = "none") -> SplitInputs:
