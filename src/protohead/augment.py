@@ -12,6 +12,9 @@
 Every random number comes from torch's global generator in the calling thread, which checkpoints save and
 restore: a seed fixes the augmentation and a resumed run draws what the uninterrupted one would have. The
 parameters are drawn for a whole batch first (:func:`draw_crop_jitter`), so the image work itself may run anywhere.
+Under torchrun every rank starts from the same seed and draws for its own shard, so the k-th image of each rank's
+shard gets the same parameters (as the head's dropout masks do): each image's augmentation is still random, the
+ranks' draws are not independent of one another.
 """
 
 from __future__ import annotations
