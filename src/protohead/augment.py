@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from protohead.views import MAX_VIEWS, VIEWS, apply_view
+from protohead.views import MAX_VIEWS, apply_views
 
 AUGMENTS = ("none", "flips", "strong")
 """The values of ``RunConfig.augment``."""
@@ -55,13 +55,7 @@ def random_symmetries(grids: torch.Tensor) -> torch.Tensor:
     """(B, C, S, S) → each row under a random symmetry of the square (uniform over the 8 views)."""
     if grids.shape[-1] != grids.shape[-2]:
         raise ValueError(f"random symmetries need square grids, got {tuple(grids.shape[-2:])}")
-    chosen = torch.randint(MAX_VIEWS, (grids.shape[0],))  # torch's CPU generator: the one checkpoints save
-    result = grids.clone()
-    for view in chosen.unique().tolist():
-        if view:
-            where = (chosen == view).to(grids.device)
-            result[where] = apply_view(grids[where], VIEWS[view])
-    return result
+    return apply_views(grids, torch.randint(MAX_VIEWS, (grids.shape[0],)))  # torch's CPU generator: checkpointed
 
 
 def random_symmetric_tokens(tokens: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from protohead.posthoc import final_outputs
 from protohead.runconfig import RunConfig
 from protohead.training.checkpoint import load_checkpoint, save_checkpoint
 from protohead.training.loop import SplitInputs, Trainer, predict, write_json
-from protohead.views import apply_view, view_names
+from protohead.views import apply_views, view_names
 
 
 def default_cache_dir() -> Path:
@@ -93,7 +93,8 @@ def image_inputs(backbone: nn.Module, split: Any, views: int = 1, augment: str =
     :attr:`SplitInputs.prefetch` (which the trainer calls for the next batch) decodes it while the current one
     trains."""
     labels = torch.as_tensor(split.labels, dtype=torch.long)
-    size, names = len(split), view_names(views)
+    size = len(split)
+    view_names(views)  # 1 ≤ views ≤ 8, else a ValueError
     check_augment(augment)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="protohead-load") if threads else None
     pending: dict[tuple[tuple[int, ...], bool], Callable[[], list[np.ndarray]]] = {}
@@ -124,11 +125,7 @@ def image_inputs(backbone: nn.Module, split: Any, views: int = 1, augment: str =
         loaded = (pending.pop((tuple(indices.tolist()), train), None) or start(indices, train))()
         side = backbone.image_size
         batch = np.stack(loaded) if loaded else np.empty((0, side, side, 3), dtype=np.uint8)  # an empty shard
-        images = backbone.normalize(torch.from_numpy(batch))  # views and flips on the CPU, as the masks
-        for v in view.unique().tolist():
-            if v:
-                where = view == v
-                images[where] = apply_view(images[where], names[v])
+        images = apply_views(backbone.normalize(torch.from_numpy(batch)), view)  # views and flips on the CPU
         if train and augment != "none":
             images = random_symmetries(images)
         images = images.to(backbone.device, non_blocking=True)

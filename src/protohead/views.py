@@ -60,6 +60,16 @@ def apply_view(images: torch.Tensor, view: str) -> torch.Tensor:
     return images.flip(height, width).transpose(height, width)  # antitranspose
 
 
+def apply_views(images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """(B, C, S, S) and (B,) indices into :data:`VIEWS` → a new batch, row ``i`` under view ``views[i]``."""
+    result = images.clone()
+    for view in views.unique().tolist():
+        if view:
+            where = (views == view).to(images.device)
+            result[where] = apply_view(images[where], VIEWS[view])
+    return result
+
+
 def view_names(count: int) -> tuple[str, ...]:
     """The first ``count`` views (1 ≤ count ≤ 8)."""
     if not 1 <= count <= MAX_VIEWS:
