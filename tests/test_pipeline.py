@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_resume_is_exact
@@ -44,14 +46,48 @@ def test_short_run_beats_chance_and_writes_every_output(ham10000_root, feature_c
     assert history[best]["val_accuracy"] >= history[best]["val_accuracy_raw"] - cfg.posthoc_accuracy_tolerance
 
 
+def test_bfloat16_training_on_the_cpu_learns(ham10000_root, feature_cache, tmp_path, monkeypatch):
+    """``amp_cpu=true``: every training step runs under CPU bfloat16 autocast, the model still learns, and the
+    predictions it reports are float32 (made outside autocast)."""
+    from protohead.device import autocast as real_autocast
+    from protohead.training import loop
+
+    entered = []
+
+    @contextlib.contextmanager
+    def spy(device, enabled, cpu=False):
+        with real_autocast(device, enabled, cpu=cpu):
+            entered.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            yield
+
+    monkeypatch.setattr(loop, "autocast", spy)
+    cfg = config(ham10000_root, feature_cache, "epochs=12", "push_every=4", "expand_every=4", "lr=3e-3",
+                 "amp_cpu=true")
+    metrics = run(cfg, tmp_path / "run")
+    assert entered and all(entered)
+    assert metrics["balanced_accuracy"] > 0.30  # chance is 1/7 ≈ 0.14
+    predictions = np.load(tmp_path / "run" / "predictions_test.npz")
+    assert predictions["probabilities_raw"].dtype == np.float64
+
+
+def test_bfloat16_on_a_cpu_without_native_support_warns(ham10000_root, feature_cache, tmp_path, monkeypatch):
+    from protohead import device
+
+    assert isinstance(device.cpu_has_fast_bfloat16(), bool)
+    monkeypatch.setattr(device, "cpu_has_fast_bfloat16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="emulated"):
+        run(config(ham10000_root, feature_cache, "epochs=1", "amp_cpu=true", preset="linear"), tmp_path / "run")
+
+
 @pytest.mark.parametrize("model", ["linear_la", "uncertainty"])
 def test_baseline_and_abstention_runs(ham10000_root, feature_cache, tmp_path, model):
     metrics = run(config(ham10000_root, feature_cache, "epochs=3", preset=model), tmp_path / "run")
     assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and metrics["uncertainty_source"] == "given"
 
 
-def test_resume_continues_to_the_same_result(ham10000_root, feature_cache, tmp_path, monkeypatch):
-    cfg = config(ham10000_root, feature_cache, "epochs=4", "push_every=2", "expand_every=2")
+@pytest.mark.parametrize("amp_cpu", ["false", "true"])
+def test_resume_continues_to_the_same_result(ham10000_root, feature_cache, tmp_path, monkeypatch, amp_cpu):
+    cfg = config(ham10000_root, feature_cache, "epochs=4", "push_every=2", "expand_every=2", f"amp_cpu={amp_cpu}")
     assert_resume_is_exact(lambda run_dir, resume: run(cfg, run_dir, resume=resume), tmp_path, monkeypatch, 2)
 
 

@@ -185,3 +185,5 @@ def test_device_choice_is_checked_and_cpu_runs_stay_float32():
             resolve_device("cuda")
     with autocast(torch.device("cpu"), True):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with autocast(torch.device("cpu"), False, cpu=True):  # amp_cpu=true: bfloat16 on the CPU, opted into
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16

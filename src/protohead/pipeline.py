@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -287,7 +288,7 @@ def run_session(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool,
 
 def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) -> dict[str, Any]:
     """Build the model, train it (continuing from ``last`` when ``resuming``) and select on val."""
-    from protohead.device import resolve_device
+    from protohead.device import cpu_has_fast_bfloat16, resolve_device
     from protohead.training import distributed
 
     torch.manual_seed(config.seed)  # here, so a run is the same whether or not the data were prepared before
@@ -300,7 +301,11 @@ def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) ->
         data.trained = True
         model = EndToEnd(data.backbone, model)
         extra = [p for p in data.backbone.parameters() if p.requires_grad]
-    model.to(resolve_device(config.device))  # batches follow the model (protohead.device.to_device)
+    device = resolve_device(config.device)
+    model.to(device)  # batches follow the model (protohead.device.to_device)
+    if config.amp_cpu and device.type == "cpu" and not cpu_has_fast_bfloat16():
+        warnings.warn("amp_cpu=true on a CPU without AVX512-BF16 or AMX: bfloat16 is emulated here and slower than "
+                      "float32 (results stay correct); set amp_cpu=false", RuntimeWarning, stacklevel=2)
     trainer = Trainer(config, model, data.splits["train"], data.splits["val"], run_dir, extra_parameters=extra,
                       metadata={"run": runfolder.describe_run(config, data), "signature": model_signature(model)})
     started = time.perf_counter()

@@ -52,6 +52,7 @@ class RunConfig:
     finetune: bool = False  # train the backbone end to end (no feature cache)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when there is a GPU (torchrun: cuda:LOCAL_RANK)
     amp: bool = True  # bfloat16 autocast for training steps on CUDA (no effect on the CPU)
+    amp_cpu: bool = False  # bfloat16 autocast for training steps on the CPU too (fast with AVX512-BF16 / AMX)
     backbone_lr: float = 1e-4
     finetune_image_size: int = 160
     finetune_blocks: int = 0  # with finetune: 0 trains the whole backbone on images (at finetune_image_size); k ≥ 1

@@ -219,7 +219,7 @@ class Trainer:
             tokens, pooled, labels = to_device(self.train_split.fetch(distributed.shard(indices), True), self.device)
             if prefetch is not None and i + 1 < len(batches):  # the next batch decodes while this one trains
                 prefetch(distributed.shard(batches[i + 1]), True)
-            with autocast(self.device, config.amp):
+            with autocast(self.device, config.amp, cpu=config.amp_cpu):
                 scores, _ = model.score(tokens, pooled, labels)
                 global_labels = labels if self.gather is None else self.gather(labels)
                 loss, terms = model.objective(scores.gathered(self.gather), global_labels)
