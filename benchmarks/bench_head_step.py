@@ -10,13 +10,16 @@ one run prints:
 - ``patch``: the patch-scored preset's scoring (``scoring="patch", use_attention=False,
   patch_pooling="soft"``), the rest of the configuration default;
 - ``linear``: LayerNorm + Linear on the pooled vector (B, F) with cross-entropy, the cheapest useful head;
-- ``oracle`` (C ≤ ``--oracle-max-classes``): ``loop_oracle.py``, the objective computed the plain way.
+- ``oracle`` (C ≤ ``--oracle-max-classes``): ``loop_oracle.py``, the objective computed the plain way;
+- ``head bf16``, ``patch bf16`` (with ``--amp-cpu``): the same steps under CPU bfloat16 autocast (``amp_cpu=true``
+  in a run; fast where the CPU has AVX512-BF16 / AMX), parameters and optimiser in float32.
 
 and a table with each step time as a multiple of the linear head's and the oracle's time over each.
 
     .venv/bin/python benchmarks/bench_head_step.py                 # B=64 N=49 F=1280 D=384 M=10, C=7,100,1000
     .venv/bin/python benchmarks/bench_head_step.py --classes 7 100 1000 --steps 3 --baseline HEAD
     .venv/bin/python benchmarks/bench_head_step.py --classes 100 --threads 1   # less noise on a busy machine
+    .venv/bin/python benchmarks/bench_head_step.py --classes 7 100 --amp-cpu    # + bfloat16 autocast rows
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def run_one(spec: dict) -> dict:
     times = []
     for step in range(spec["steps"] + 1):
         start = time.perf_counter()
-        loss = objective()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.get("amp", False)):
+            loss = objective()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -102,6 +106,9 @@ def jobs_for(num_classes: int, args: argparse.Namespace) -> list[dict]:
     if args.baseline:
         jobs.append({"name": f"head@{args.baseline}", "impl": "head", "baseline": True})
     jobs.append({"name": "patch", "impl": "head", "options": PATCH})
+    if args.amp_cpu:
+        jobs += [{"name": "head bf16", "impl": "head", "amp": True},
+                 {"name": "patch bf16", "impl": "head", "options": PATCH, "amp": True}]
     jobs.append({"name": "linear", "impl": "linear"})
     if args.extra_modes and num_classes <= args.oracle_max_classes:
         jobs += [{"name": f"head {mixing}/{scope}", "impl": "head",
@@ -126,6 +133,8 @@ def main() -> None:
                         help="skip the oracle above this C (its class-pair loop is C² autograd ops)")
     parser.add_argument("--extra-modes", action="store_true",
                         help="also time sequential mixing (class and full scope) up to --oracle-max-classes")
+    parser.add_argument("--amp-cpu", action="store_true",
+                        help="also time the head and the patch head under CPU bfloat16 autocast (amp_cpu=true)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

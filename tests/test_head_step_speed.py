@@ -238,20 +238,37 @@ def test_soft_patch_similarity_without_the_map_is_the_same_score(distance):
     torch.testing.assert_close(token_map, token_similarity(tokens, prototypes, distance)[0])
 
 
-def test_autocast_and_tracing_take_the_plain_path(monkeypatch):
-    """Under autocast (bf16 CUDA training; CPU autocast here) and while tracing, the plain autograd path runs:
-    it follows autocast's per-operation casts and is what a traced graph can record."""
+def test_autocast_runs_the_fused_path_in_float32_and_tracing_the_plain_path(monkeypatch):
+    """Under autocast (bf16 training: amp on CUDA, amp_cpu on the CPU) the token keys and values are bfloat16
+    products and the fused per-sample work runs in float32 on them: it agrees with the plain path under the same
+    autocast (value and gradients, to bfloat16 rounding). While tracing, the plain path runs: it is what a traced
+    graph can record."""
     calls = []
     fused = attention._CrossProducts.apply
-    monkeypatch.setattr(attention._CrossProducts, "apply", lambda *args: calls.append(1) or fused(*args))
+    monkeypatch.setattr(attention._CrossProducts, "apply", lambda *args: calls.append(args[1].dtype) or fused(*args))
     torch.manual_seed(10)
     head = HeadOptimal(**SMALL)
     pool, img, labels = _batch()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss, _ = head(pool, img, labels)
-    loss.backward()
-    assert not calls and torch.isfinite(loss)
-    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(attention, "fused_path_available", lambda *tensors, fast=fast: fast)
+        head.zero_grad()
+        torch.manual_seed(11)  # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss, _ = head(pool, img, labels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}))
+    assert calls and set(calls) == {torch.float32}  # the fused path ran, on float32 inputs
+    (fast_loss, fast_grads), (plain_loss, plain_grads) = results
+    assert torch.isfinite(fast_loss) and fast_grads.keys() == plain_grads.keys()
+    torch.testing.assert_close(fast_loss, plain_loss, rtol=2e-2, atol=2e-2)
+    for name, grad in fast_grads.items():
+        assert torch.isfinite(grad).all(), name
+        scale = plain_grads[name].abs().max().clamp_min(1e-6)
+        assert ((grad - plain_grads[name]).abs().max() / scale) < 0.1, name
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(attention._CrossProducts, "apply", lambda *args: calls.append(1) or fused(*args))
     head.eval()
 
     class Logits(torch.nn.Module):

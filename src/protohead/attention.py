@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protohead.validation import is_tracing
+from protohead.validation import autocast_enabled, is_tracing
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -67,15 +67,9 @@ class Dropout(nn.Dropout):
 
 
 def fused_path_available(*tensors: torch.Tensor) -> bool:
-    """Whether :class:`_CrossProducts` may run: eagerly (not while tracing, exporting or compiling: a traced graph
-    records the plain operations) and outside autocast (whose per-operation casts the plain path follows)."""
-    if is_tracing(*tensors):
-        return False
-    device_type = tensors[0].device.type
-    try:
-        return not torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        return not (torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled())
+    """Whether :class:`_CrossProducts` may run: eagerly, not while tracing, exporting or compiling (a traced graph
+    records the plain operations)."""
+    return not is_tracing(*tensors)
 
 
 BLOCK_ELEMENTS = 1 << 21
@@ -367,7 +361,7 @@ class MixedAttentionBlock(nn.Module):
         Args:
             prototypes: (C, M, D); tokens: (B, N, D); embedding: (B, D); context: ``bank_context``.
             fast: compute the per-sample products with the fused, cache-blocked :class:`_CrossProducts`
-                (default, except while tracing, exporting or autocasting: :func:`fused_path_available`) or
+                (default, except while tracing or exporting: :func:`fused_path_available`) or
                 with plain autograd operations (the reference; what a traced graph records).
             kept_slots: fast path only: keep the per-sample activations of at most this many prototypes (the
                 first ones) for the backward pass and recompute the others there, block by block (activation
@@ -419,7 +413,14 @@ class MixedAttentionBlock(nn.Module):
         keep = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         block = _block_size(batch, self.cross.heads, num_tokens, tokens.device)
         kept_slots = len(prototypes) if kept_slots is None else kept_slots
-        products, weights = _CrossProducts.apply(*inputs, norm.eps, block, keep, kept_slots, return_weights)
+        device_type = tokens.device.type
+        if autocast_enabled(device_type):  # the big products (token keys / values) ran in bfloat16 above; the
+            # per-sample work (softmax, LayerNorm, dot products) runs in float32, as autocast would run those ops
+            with torch.autocast(device_type, enabled=False):
+                inputs = tuple(t.float() for t in inputs)
+                products, weights = _CrossProducts.apply(*inputs, norm.eps, block, keep, kept_slots, return_weights)
+        else:
+            products, weights = _CrossProducts.apply(*inputs, norm.eps, block, keep, kept_slots, return_weights)
         return products, (weights if return_weights else None)
 
     def _cross_products_reference(self, prototypes: torch.Tensor, tokens: torch.Tensor, unit: torch.Tensor,

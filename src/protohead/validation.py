@@ -49,7 +49,7 @@ def check_head_inputs(pool_features: torch.Tensor, img_features: torch.Tensor, l
             raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
         if not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-        if tensor.dtype != expected and not _autocast_enabled(tensor):
+        if tensor.dtype != expected and not autocast_enabled(tensor.device.type):
             raise ValueError(f"{name} has dtype {tensor.dtype} but the head computes in {expected}; "
                              f"cast the features first (e.g. {name}.to({expected}))")
     if pool_features.dim() != 3:
@@ -107,11 +107,12 @@ def _largest_magnitude(tensor: torch.Tensor) -> torch.Tensor:
     return torch.maximum(-low, high)
 
 
-def _autocast_enabled(tensor: torch.Tensor) -> bool:
+def autocast_enabled(device_type: str) -> bool:
+    """Whether an enabled ``torch.autocast`` region covers ``device_type`` here."""
     try:
-        return bool(torch.is_autocast_enabled(tensor.device.type))
+        return bool(torch.is_autocast_enabled(device_type))
     except TypeError:  # torch < 2.4: no device argument
-        return bool(torch.is_autocast_enabled())
+        return bool(torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled())
 
 
 def is_tracing(*tensors: torch.Tensor) -> bool:
