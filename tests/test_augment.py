@@ -149,3 +149,28 @@ def test_an_augmented_fine_tune_resumes_to_the_same_weights(ham10000_root, tmp_p
         "finetune_image_size=48", "augment=strong", "loader_threads=2", "progress=false", "push_every=0",
         "expand_every=0", "preset=basic", "head.emb_dim=16", "head.num_heads=2", "posthoc_tau=0", "calibrate=false"])
     assert_resume_is_exact(lambda run_dir, resume: train(config, run_dir, resume=resume), tmp_path, monkeypatch, 1)
+
+
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_bfloat16_fine_tuning_runs_the_backbone_under_autocast(ham10000_root, tmp_path, monkeypatch, blocks):
+    """``amp_cpu=true`` with fine-tuning: the trainable backbone's forward (whole, or its last block on cached
+    maps) runs inside the step's autocast, so its features reach the head in bfloat16 and its backward is
+    bfloat16 too; predictions stay float32."""
+    from protohead.model import EndToEnd
+    from protohead.pipeline import train
+
+    seen = []
+    original = EndToEnd.score
+
+    def spy(self, tokens, *args, **kwargs):
+        seen.append(tokens.dtype)
+        return original(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(EndToEnd, "score", spy)
+    config = load_run_config(overrides=[
+        f"data={ham10000_root}", "subset_per_class=2", "epochs=1", "batch_size=5", "finetune=true",
+        f"finetune_blocks={blocks}", "finetune_image_size=48", "image_size=64", "amp_cpu=true", "progress=false",
+        "push_every=0", "expand_every=0", "preset=basic", "head.emb_dim=16", "head.num_heads=2", "posthoc_tau=0",
+        "calibrate=false", f"cache_dir={tmp_path / 'cache'}"])
+    train(config, tmp_path / "run")
+    assert seen and set(seen) == {torch.bfloat16}

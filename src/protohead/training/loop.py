@@ -216,10 +216,13 @@ class Trainer:
             step = epoch * self.steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * schedule(step)
-            tokens, pooled, labels = to_device(self.train_split.fetch(distributed.shard(indices), True), self.device)
-            if prefetch is not None and i + 1 < len(batches):  # the next batch decodes while this one trains
-                prefetch(distributed.shard(batches[i + 1]), True)
+            # autocast covers the fetch too: with fine-tuning it runs the trainable backbone (its forward, and so
+            # its backward, in bfloat16 with the head's)
             with autocast(self.device, config.amp, cpu=config.amp_cpu):
+                tokens, pooled, labels = to_device(self.train_split.fetch(distributed.shard(indices), True),
+                                                   self.device)
+                if prefetch is not None and i + 1 < len(batches):  # the next batch decodes while this one trains
+                    prefetch(distributed.shard(batches[i + 1]), True)
                 scores, _ = model.score(tokens, pooled, labels)
                 global_labels = labels if self.gather is None else self.gather(labels)
                 loss, terms = model.objective(scores.gathered(self.gather), global_labels)
