@@ -416,10 +416,8 @@ class MixedAttentionBlock(nn.Module):
         device_type = tokens.device.type
         if autocast_enabled(device_type):  # the big products (token keys / values) ran in bfloat16 above; the
             # per-sample work (softmax, LayerNorm, dot products) runs in float32, as autocast would run those ops
-            with torch.autocast(device_type, enabled=False):
-                inputs = tuple(t.float() for t in inputs)
-                products, weights = _CrossProducts.apply(*inputs, norm.eps, block, keep, kept_slots, return_weights)
-        else:
+            inputs = tuple(t.float() for t in inputs)
+        with torch.autocast(device_type, enabled=False):
             products, weights = _CrossProducts.apply(*inputs, norm.eps, block, keep, kept_slots, return_weights)
         return products, (weights if return_weights else None)
 
