@@ -7,7 +7,6 @@ import json
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import assert_resume_is_exact
@@ -47,12 +46,13 @@ def test_short_run_beats_chance_and_writes_every_output(ham10000_root, feature_c
 
 
 def test_bfloat16_training_on_the_cpu_learns(ham10000_root, feature_cache, tmp_path, monkeypatch):
-    """``amp_cpu=true``: every training step runs under CPU bfloat16 autocast, the model still learns, and the
-    predictions it reports are float32 (made outside autocast)."""
+    """``amp_cpu=true``: every training step runs under CPU bfloat16 autocast, the model still learns, and every
+    eval-mode forward (validation, push, test) runs outside autocast, in float32."""
     from protohead.device import autocast as real_autocast
+    from protohead.head import HeadOptimal
     from protohead.training import loop
 
-    entered = []
+    entered, evaluations = [], []
 
     @contextlib.contextmanager
     def spy(device, enabled, cpu=False):
@@ -60,14 +60,21 @@ def test_bfloat16_training_on_the_cpu_learns(ham10000_root, feature_cache, tmp_p
             entered.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
             yield
 
+    forward = HeadOptimal.forward
+
+    def eval_spy(self, *args, **kwargs):
+        if not self.training:
+            evaluations.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, *args, **kwargs)
+
     monkeypatch.setattr(loop, "autocast", spy)
+    monkeypatch.setattr(HeadOptimal, "forward", eval_spy)
     cfg = config(ham10000_root, feature_cache, "epochs=12", "push_every=4", "expand_every=4", "lr=3e-3",
                  "amp_cpu=true")
     metrics = run(cfg, tmp_path / "run")
     assert entered and all(entered)
+    assert evaluations and not any(evaluations)
     assert metrics["balanced_accuracy"] > 0.30  # chance is 1/7 ≈ 0.14
-    predictions = np.load(tmp_path / "run" / "predictions_test.npz")
-    assert predictions["probabilities_raw"].dtype == np.float64
 
 
 def test_bfloat16_on_a_cpu_without_native_support_warns(ham10000_root, feature_cache, tmp_path, monkeypatch):
