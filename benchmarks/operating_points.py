@@ -5,7 +5,7 @@ among the τ that keep validation accuracy within ``posthoc_accuracy_tolerance``
 tolerance is the user's operating point: how much accuracy one gives for recall of the rare classes. For each
 tolerance given this script re-chooses τ on the run's validation predictions (the selected checkpoint, views
 averaged as the run does) and scores test once with it: accuracy, balanced accuracy and tail recall (the mean
-recall of the three rarest training classes).
+recall of the rarest third of the training classes, as ``protohead compare``).
 
     .venv/bin/python benchmarks/operating_points.py RUN_DIR [RUN_DIR ...] [--tolerances 0 0.01 0.02 0.03]
 """
@@ -17,15 +17,12 @@ import json
 
 import numpy as np
 
+from protohead.compare import tail_classes
+from protohead.evaluation import compute_metrics
 from protohead.pipeline import prepare
 from protohead.posthoc import adjust_probabilities, choose_prior_shift
 from protohead.runfolder import load_backbone, load_model
 from protohead.training.loop import predict
-
-
-def tail_recall(predicted: np.ndarray, labels: np.ndarray, counts: list[int]) -> float:
-    rare = np.argsort(counts)[:3]
-    return float(np.mean([(predicted[labels == c] == c).mean() for c in rare if (labels == c).any()]))
 
 
 def operating_points(run_dir: str, tolerances: list[float]) -> list[dict]:
@@ -34,16 +31,17 @@ def operating_points(run_dir: str, tolerances: list[float]) -> list[dict]:
     data = prepare(config, backbone=load_backbone(loaded) if config.finetune else None)
     outputs = {split: predict(loaded.model, data.splits[split], config.eval_batch_size) for split in ("val", "test")}
     counts = data.class_counts
+    tail = tail_classes(data.class_names, counts)  # the rarest third, as compare's tail recall
     rows = []
     for tolerance in tolerances:
         shift = choose_prior_shift(outputs["val"]["probabilities"], outputs["val"]["labels"], counts, tolerance)
         row = {"run": run_dir, "tolerance": tolerance, "tau": shift.tau, "val_accuracy": shift.accuracy,
                "val_balanced_accuracy": shift.balanced_accuracy}
-        labels = outputs["test"]["labels"]
-        predicted = adjust_probabilities(outputs["test"]["probabilities"], counts, shift.tau).argmax(1)
-        recalls = [(predicted[labels == c] == c).mean() for c in range(len(counts)) if (labels == c).any()]
-        row.update(test_accuracy=float((predicted == labels).mean()), test_balanced_accuracy=float(np.mean(recalls)),
-                   test_tail_recall=tail_recall(predicted, labels, counts))
+        adjusted = adjust_probabilities(outputs["test"]["probabilities"], counts, shift.tau)
+        metrics = compute_metrics(adjusted, outputs["test"]["labels"], class_names=data.class_names)
+        recall = metrics["per_class_recall"]
+        row.update(test_accuracy=metrics["accuracy"], test_balanced_accuracy=metrics["balanced_accuracy"],
+                   test_tail_recall=float(np.mean([recall[c] for c in tail if recall.get(c) is not None])))
         rows.append(row)
         print(f"{run_dir}  tolerance {tolerance:.2f}  τ {shift.tau:.2f}  val {shift.accuracy:.3f} / "
               f"{shift.balanced_accuracy:.3f}  test {row['test_accuracy']:.3f} / {row['test_balanced_accuracy']:.3f}"
