@@ -268,3 +268,86 @@ def test_uncertainty_weighting_formula():
     s = torch.tensor([0.3, -0.2])
     got = losses.uncertainty_weighted_total(torch.tensor(2.0), torch.tensor(0.5), s)
     assert float(got) == pytest.approx(math.exp(-0.3) * 2 + 0.3 + math.exp(0.2) * 0.5 - 0.2)
+
+
+# ------------------------------------------------------------------ prototype usage (Sinkhorn equipartition)
+
+
+def oracle_usage(dist, counts, labels, sharpness, epsilon=0.05, iterations=3):
+    """Per class, plain Sinkhorn–Knopp on its members × valid slots, then the cross-entropy, in float64 loops."""
+    per_class = []
+    for c in range(dist.shape[1]):
+        rows = [i for i in range(len(labels)) if int(labels[i]) == c]
+        width = counts[c]
+        if width < 2 or len(rows) < width:
+            continue
+        scores = [[-float(dist[i, c, k]) for k in range(width)] for i in rows]
+        plan = [[math.exp((s - max(row)) / epsilon) for s in row] for row in scores]
+        for _ in range(iterations):
+            for k in range(width):
+                column = sum(plan[r][k] for r in range(len(rows)))
+                for r in range(len(rows)):
+                    plan[r][k] /= column * width
+            for r in range(len(rows)):
+                total = sum(plan[r])
+                plan[r] = [v / total / len(rows) for v in plan[r]]
+        losses_c = []
+        for r, row in enumerate(scores):
+            norm = math.log(sum(math.exp(sharpness * s) for s in row))
+            target = [v * len(rows) for v in plan[r]]
+            losses_c.append(-sum(t * (sharpness * s - norm) for t, s in zip(target, row, strict=True)))
+        per_class.append(sum(losses_c) / len(losses_c))
+    return sum(per_class) / len(per_class) if per_class else 0.0
+
+
+USAGE_CASES = [
+    *CASES,
+    dict(seed=6, batch=20, num_classes=3, max_slots=4, counts=[4, 3, 2], labels=[0] * 9 + [1] * 8 + [2] * 3),
+    dict(seed=7, batch=10, num_classes=2, max_slots=5, counts=[5, 5], labels=[0] * 4 + [1] * 6),  # class 0: too few
+]
+
+
+@pytest.mark.parametrize("case", USAGE_CASES)
+def test_prototype_usage_matches_oracle(case):
+    dist, _, counts, valid, labels = make_case(**case)
+    got = losses.prototype_usage_loss(dist, valid, labels, sharpness=3.0)
+    assert float(got) == pytest.approx(oracle_usage(dist, counts, labels, 3.0), rel=1e-9, abs=1e-12)
+    assert got.requires_grad == dist.requires_grad
+
+
+def test_balanced_assignment_splits_a_class_evenly():
+    """Every sample prefers slot 0; the target still gives each valid slot n / K of the mass, each row sums to 1."""
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.7, 0.3, 0.0], [0.95, 0.5, 0.0]],
+                          dtype=torch.float64)[None]  # (1, B=4, M=3), slot 2 unused
+    members = torch.tensor([[True, True, True, True]])
+    slots = torch.tensor([[True, True, False]])
+    target = losses.balanced_assignment(scores, members, slots, iterations=50)
+    torch.testing.assert_close(target.sum(-1), torch.ones(1, 4, dtype=torch.float64))
+    torch.testing.assert_close(target.sum(1)[0, :2], torch.tensor([2.0, 2.0], dtype=torch.float64), atol=1e-3,
+                               rtol=0)
+    assert float(target[0, :, 2].abs().max()) == 0.0
+    # the samples that like slot 1 most (relative to slot 0) are the ones sent there
+    assert target[0, :, 1].argsort()[-2:].sort().values.tolist() == [2, 3]
+
+
+def test_prototype_usage_spreads_the_wins_of_a_collapsed_class():
+    """Gradient steps on the usage term alone turn a class won entirely by one prototype into one whose samples
+    are split among its prototypes (at the start the first prototype wins all 8 samples)."""
+    g = torch.Generator().manual_seed(0)
+    axis = torch.eye(4, dtype=torch.float64)
+    samples = F.normalize(2.0 * axis[0] + 0.5 * torch.randn(8, 4, generator=g, dtype=torch.float64), dim=-1)
+    prototypes = torch.stack([axis[0], 0.2 * axis[0] + axis[3]]).requires_grad_(True)  # the first wins all 8
+    labels = torch.zeros(8, dtype=torch.long)
+    valid = torch.ones(1, 2, dtype=torch.bool)
+
+    def distances():
+        return 1.0 - F.normalize(samples, dim=-1) @ F.normalize(prototypes, dim=-1).t()
+
+    assert distances().argmin(1).tolist() == [0] * 8
+    optimizer = torch.optim.SGD([prototypes], lr=0.5)
+    for _ in range(200):
+        optimizer.zero_grad()
+        losses.prototype_usage_loss(distances()[:, None, :], valid, labels).backward()
+        optimizer.step()
+    wins = distances().argmin(1).bincount(minlength=2).tolist()
+    assert min(wins) >= 3, wins

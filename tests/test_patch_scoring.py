@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from protohead import HeadOptimal
+from protohead import HeadOptimal, losses
 from protohead.bank import PrototypeBank
 from protohead.similarity import patch_similarity
 from protohead.training.prototypes import (
@@ -190,3 +190,24 @@ def test_checkpoints_without_prepush_records_still_load() -> None:
     fresh = HeadOptimal(**SMALL)
     fresh.load_state_dict(old)
     assert torch.all(fresh.bank.prepush_similarity == 0.25)
+
+
+def test_usage_term_enters_the_objective_with_its_scale() -> None:
+    """``usage_scale`` adds scale × the prototype-usage term (computed from the head's own distances) to the loss;
+    0 leaves it out. Log σ starts at 0, so the prototype terms are summed with weight 1 here."""
+    generator = torch.Generator().manual_seed(0)
+    tokens, pooled = torch.randn(12, 5, 16, generator=generator), torch.randn(12, 16, generator=generator)
+    labels = torch.tensor([0] * 6 + [1] * 4 + [2] * 2)
+    torch.manual_seed(0)
+    plain = HeadOptimal(**SMALL).eval()
+    with_usage = HeadOptimal(**{**SMALL, "usage_scale": 0.5}).eval()
+    with_usage.load_state_dict(plain.state_dict())
+    _, loss_plain, terms_plain = plain(tokens, pooled, labels)
+    _, loss_usage, terms_usage = with_usage(tokens, pooled, labels)
+    assert "usage" not in terms_plain and float(terms_usage["usage"]) > 0
+    scores, _ = with_usage.score(tokens, pooled, labels)
+    expected = losses.prototype_usage_loss(scores.distances, with_usage.bank.valid, labels)
+    assert float(terms_usage["usage"]) == pytest.approx(float(expected.detach()))
+    assert float((loss_usage - loss_plain).detach()) == pytest.approx(0.5 * float(expected.detach()), rel=1e-5)
+    loss_usage.backward()
+    assert with_usage.proj[0].weight.grad is not None and bool(torch.isfinite(with_usage.proj[0].weight.grad).all())

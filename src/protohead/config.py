@@ -67,6 +67,9 @@ class HeadConfig:
     contrastive_scale: float = 0.05
     contrastive_pairs: Literal["different_class", "all"] = "different_class"
     orth_scale: float = 0.0
+    # balanced use of a class's prototypes on its own images (Sinkhorn equipartition target, losses/usage.py); 0 = off
+    usage_scale: float = 0.0
+    usage_sharpness: float = 10.0
     # abstention (ProtoASNet) and uncertainty weighting (Kendall et al.)
     use_abstention: bool = False
     # "detached": the classifier keeps its own (class-balanced) loss; an abstain logit of its own (a small MLP on
@@ -118,6 +121,8 @@ class HeadConfig:
             raise ValueError("patch_pooling='soft' needs a cosine distance (cosine or cosine01)")
         if not 0 < self.patch_sharpness < math.inf:
             raise ValueError(f"patch_sharpness must be positive and finite, got {self.patch_sharpness}")
+        if not 0 < self.usage_sharpness < math.inf:
+            raise ValueError(f"usage_sharpness must be positive and finite, got {self.usage_sharpness}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.cb_beta < 1.0:

@@ -65,9 +65,9 @@ Objective = Callable[[HeadScores, torch.Tensor], tuple[torch.Tensor, dict[str, t
 class PrototypeObjective:
     """The design document's objective for :class:`~protohead.head.HeadOptimal` (SPEC §3): cross-entropy (or,
     with ``abstention_mode="coupled"``, the abstention NLL in its place) + cluster, separation, diversity,
-    contrastive and orthogonality terms, summed or weighted by learned log σ; class weights from the dataset
-    counts. With ``abstention_mode="detached"`` (default) the abstention NLL + λ·penalty is a term of its own on
-    the detached class logits: it trains only the abstain logit, never the classifier."""
+    contrastive, orthogonality and prototype-usage terms, summed or weighted by learned log σ; class weights from
+    the dataset counts. With ``abstention_mode="detached"`` (default) the abstention NLL + λ·penalty is a term of
+    its own on the detached class logits: it trains only the abstain logit, never the classifier."""
 
     def __init__(self, config: HeadConfig) -> None:
         self.config = config
@@ -112,6 +112,7 @@ class PrototypeObjective:
             "contrastive": (cfg.contrastive_scale, lambda: losses.contrastive_loss(prototypes, valid,
                                                                                    cfg.contrastive_pairs)),
             "orthogonality": (cfg.orth_scale, lambda: losses.orthogonality_loss(prototypes, valid)),
+            "usage": (cfg.usage_scale, lambda: losses.prototype_usage_loss(dist, valid, labels, cfg.usage_sharpness)),
         }
         prototype_total = logits.new_zeros(())
         for name, (scale, term) in weighted_terms.items():

@@ -9,10 +9,12 @@ from protohead.losses.diversity import diversity_loss
 from protohead.losses.orthogonality import orthogonality_loss
 from protohead.losses.separation import separation_loss
 from protohead.losses.uncertainty_weighting import uncertainty_weighted_total
+from protohead.losses.usage import balanced_assignment, prototype_usage_loss
 
 __all__ = [
     "abstention_loss",
     "abstention_probability",
+    "balanced_assignment",
     "class_weights",
     "cluster_loss",
     "contrastive_loss",
@@ -20,6 +22,7 @@ __all__ = [
     "diversity_loss",
     "mean_same_class_cosine",
     "orthogonality_loss",
+    "prototype_usage_loss",
     "separation_loss",
     "uncertainty_weighted_total",
 ]
