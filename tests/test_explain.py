@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from protohead.explain import EXPLANATION_SIZE, ExplainResult, explain_run, gallery_size, read_run_config
-from protohead.explain.diagnostics import dead_prototypes, near_duplicates, prototype_use, purity
+from protohead.explain.diagnostics import dead_prototypes, near_duplicates, purity
 from protohead.explain.explanations import select_images, upsample_attention
 from protohead.explain.gallery import crop, token_box
 from protohead.runconfig import load_run_config
@@ -140,10 +140,6 @@ def test_dead_prototypes_and_purity_are_in_range(explained, loaded_head):
     assert {(d["class"], d["slot"]) for d in dead["dead"]} == {key for key, n in wins.items() if n == 0}
     for c in range(valid.shape[0]):  # every val image has exactly one winner per class
         assert sum(n for (cls, _), n in wins.items() if cls == c) == dead["num_images"]
-    use = diagnostics["prototype_use"]
-    assert sum(r["images"] for r in use["classes"]) == dead["num_images"]
-    assert all(1.0 <= r["effective_prototypes"] <= r["valid"] + 1e-9 for r in use["classes"])
-    assert "Prototype use on validation" in explained.report.read_text()
 
 
 def test_cli_explains_chosen_images_and_names_unknown_ids(explained, capsys):
@@ -198,20 +194,6 @@ def test_dead_prototypes_and_selection_helpers():
     assert select_images(labels, predicted, 4) == [0, 3, 4, 1]
     heat = upsample_attention(np.arange(4.0), (2, 2), (8, 10))
     assert heat.shape == (8, 10) and heat.min() >= 0 and heat.max() <= 3
-
-
-def test_prototype_use_counts_own_class_wins():
-    valid = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
-    # class 0: images 0-3 won by slots 0, 0, 1, 2; class 1: images 4-5 both by slot 1; class 2: no image
-    winners = torch.tensor([[0, 1, 0], [0, 0, 0], [1, 0, 0], [2, 1, 0], [2, 1, 0], [0, 1, 0]])
-    use = prototype_use(winners, valid, np.array([0, 0, 0, 0, 1, 1]), ["a", "b", "c"])
-    rows = {r["class_name"]: r for r in use["classes"]}
-    assert set(rows) == {"a", "b"} and rows["a"]["images"] == 4 and rows["b"]["valid"] == 2
-    assert rows["a"]["top_share"] == pytest.approx(0.5) and rows["b"]["top_share"] == pytest.approx(1.0)
-    entropy = -(0.5 * np.log(0.5) + 2 * 0.25 * np.log(0.25))
-    assert rows["a"]["effective_prototypes"] == pytest.approx(np.exp(entropy))  # 2.83 of 3
-    assert rows["b"]["effective_prototypes"] == pytest.approx(1.0)
-    assert use["top_share"] == pytest.approx((2 + 2) / 6)
 
 
 def test_shared_push_sources_are_grouped():

@@ -6,14 +6,7 @@
 page in ``report``.
 """
 
-from protohead.explain.diagnostics import (
-    dead_prototypes,
-    near_duplicates,
-    prototype_use,
-    purity,
-    push_records,
-    win_counts,
-)
+from protohead.explain.diagnostics import dead_prototypes, near_duplicates, purity, push_records, win_counts
 from protohead.explain.explanations import EXPLANATION_SIZE
 from protohead.explain.gallery import gallery_size, token_box
 from protohead.explain.run import ExplainResult, explain_run, load_model, read_run_config
@@ -26,7 +19,6 @@ __all__ = [
     "gallery_size",
     "load_model",
     "near_duplicates",
-    "prototype_use",
     "purity",
     "push_records",
     "read_run_config",

@@ -171,38 +171,6 @@ def dead_prototypes(winners: torch.Tensor | np.ndarray, valid: torch.Tensor | np
             "wins": wins}
 
 
-def prototype_use(winners: torch.Tensor | np.ndarray, valid: torch.Tensor | np.ndarray,
-                  labels: torch.Tensor | np.ndarray, class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """How many of its prototypes a class uses to explain its own images.
-
-    For each class with images: ``top_share``, the share of its images won by its most-winning prototype (1 = one
-    prototype explains them all), and ``effective_prototypes``, exp of the entropy of its own-class win
-    distribution (1 = one prototype, K = all K valid prototypes equally often).
-
-    Args:
-        winners: (n, C) winning slot per class and image; valid: (C, M) bool; labels: (n,) true labels.
-
-    Returns:
-        ``{"classes": [{"class", "class_name", "images", "valid", "top_share", "effective_prototypes"}],
-        "top_share": share of all images won by their class's top prototype, "mean_effective_prototypes"}``.
-    """
-    _, own = win_counts(winners, valid, labels)
-    num_valid = np.asarray(torch.as_tensor(valid).cpu()).sum(1)
-    classes, top, total = [], 0, 0
-    for c in range(own.shape[0]):
-        images = int(own[c].sum())
-        if images == 0:
-            continue
-        share = own[c][own[c] > 0] / images
-        classes.append({"class": c, "class_name": _name(class_names, c), "images": images, "valid": int(num_valid[c]),
-                        "top_share": float(share.max()), "effective_prototypes": float(np.exp(-(share * np.log(
-                            share)).sum()))})
-        top, total = top + int(own[c].max()), total + images
-    return {"classes": classes, "top_share": top / total if total else float("nan"),
-            "mean_effective_prototypes": float(np.mean([r["effective_prototypes"] for r in classes]))
-            if classes else float("nan")}
-
-
 def push_records(push_image: torch.Tensor | np.ndarray, push_token: torch.Tensor | np.ndarray,
                  push_similarity: torch.Tensor | np.ndarray, valid: torch.Tensor | np.ndarray,
                  train_ids: Sequence[str], train_labels: Sequence[int] | np.ndarray,

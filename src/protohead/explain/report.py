@@ -147,13 +147,6 @@ def _diagnostics_html(diagnostics: Mapping[str, Any]) -> str:
                f"images): <b>{dead.get('count', 0)}</b>"
                + (": " + ", ".join(f"{_esc(d['class_name'])}/{d['slot']}" for d in dead.get("dead", []))
                   if dead.get("dead") else "") + ".</p>")
-    use = diagnostics.get("prototype_use")
-    if use and use.get("classes"):
-        out.append(f"<p>Prototype use on validation (own-class images): the top prototype of each class wins "
-                   f"<b>{_fmt(use['top_share'])}</b> of them; effective prototypes per class (exp of the entropy of "
-                   f"the wins; 1 = one prototype explains the whole class): " + ", ".join(
-                       f"{_esc(r['class_name'])} {_fmt(r['effective_prototypes'])} of {r['valid']}"
-                       for r in use["classes"]) + ".</p>")
     out.append(f"<p>Near-duplicate pairs (cosine &gt; {duplicates.get('threshold', 0.95)}): "
                f"<b>{duplicates.get('count', 0)}</b>.</p>")
     if duplicates.get("pairs"):

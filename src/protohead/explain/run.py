@@ -15,7 +15,6 @@ from protohead.atomic import write_text_atomic
 from protohead.explain.diagnostics import (
     dead_prototypes,
     near_duplicates,
-    prototype_use,
     purity,
     push_records,
     shared_sources,
@@ -164,7 +163,6 @@ def explain_run(run_dir: str | Path, image_ids: Sequence[str] | None = None, k: 
     dead = dead_prototypes(val["winning_prototype"], valid, val_split.labels, names)
     duplicates = near_duplicates(head.bank.prototypes.detach(), valid, duplicate_threshold, names)
     diagnostics = {"purity": purities, "near_duplicates": duplicates, "dead_prototypes": dead,
-                   "prototype_use": prototype_use(val["winning_prototype"], valid, val_split.labels, names),
                    "shared_sources": shared_sources(records), "push_records": records}
     diagnostics_path = out_dir / "diagnostics.json"
     write_json(diagnostics_path, diagnostics)
