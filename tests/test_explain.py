@@ -109,6 +109,10 @@ def test_faithfulness_json_and_report_section(explained, loaded_head):
     test_size = len(load_data(read_run_config(explained.out_dir.parent)).splits["test"].ids)
     assert report["images"] == test_size and report["never_pushed"] == 0
     assert 0.0 <= report["dead_prototype_share"] <= 1.0 and len(report["top_prototype_win_share"]) == 7
+    valid_counts = loaded_head.bank.valid.sum(1).tolist()
+    assert all(1.0 - 1e-9 <= e <= k + 1e-9 for e, k in zip(report["effective_prototypes"].values(), valid_counts,
+                                                              strict=True))
+    assert "effective prototypes" in explained.report.read_text()
     if report["evidence_kind"] == "attention":
         assert 0.0 < report["attention_concentration"] <= 1.0 + 1e-9
     text = explained.report.read_text(encoding="utf-8")

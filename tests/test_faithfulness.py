@@ -25,7 +25,7 @@ TINY = {"num_classes": 3, "img_feat_dim": 16, "emb_dim": 8, "num_heads": 2, "num
         "max_prototypes": 3}
 KEYS = {"deletion_drop_explained", "deletion_drop_random", "deletion_ratio_at_5", "dead_prototype_share",
         "median_push_similarity", "median_prepush_similarity", "never_pushed", "top_prototype_win_share",
-        "attention_concentration", "evidence_kind", "images", "k"}
+        "effective_prototypes", "attention_concentration", "evidence_kind", "images", "k"}
 
 
 class OneToken(nn.Module):
@@ -144,6 +144,12 @@ def test_prototype_statistics_count_own_class_wins_and_push_records():
     # own-class wins: a/0 ×2, a/1 ×0, b/1 ×1, b/0 ×0, c/1 ×1, c/0 ×0 → 3 of 6 valid prototypes dead
     assert stats["dead_prototype_share"] == pytest.approx(0.5)
     assert stats["top_prototype_win_share"] == {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert stats["effective_prototypes"] == {"a": 1.0, "b": 1.0, "c": 1.0}
+    split = prototype_statistics(head, np.array([[0, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 1]]), np.array([0] * 4))
+    shares = np.array([0.25, 0.75])  # class 0: slot 0 wins one image, slot 1 three
+    assert split["top_prototype_win_share"]["0"] == pytest.approx(0.75)
+    assert split["effective_prototypes"]["0"] == pytest.approx(np.exp(-(shares * np.log(shares)).sum()))
+    assert split["effective_prototypes"]["1"] is None  # no image of class 1
     assert stats["never_pushed"] == 4
     assert stats["median_push_similarity"] == pytest.approx(0.6)  # lower middle of (0.6, 0.8)
     assert stats["median_prepush_similarity"] == pytest.approx(0.5)

@@ -139,7 +139,9 @@ def prototype_statistics(head: nn.Module, train_winners: np.ndarray, train_label
         prototypes), ``median_push_similarity``, ``median_prepush_similarity`` (over valid slots, NaN ignored;
         None if none), ``never_pushed`` (valid slots with no push record), ``top_prototype_win_share``
         (class name → share of the class's training images won by its most-winning prototype; None for a class
-        without training images).
+        without training images) and ``effective_prototypes`` (class name → exp of the entropy of how its training
+        images are shared among its prototypes as winners: 1 = one prototype explains the whole class, K = all K
+        valid prototypes equally often; None without images).
     """
     valid = head.bank.valid.cpu()
     labels = np.asarray(train_labels)
@@ -148,15 +150,18 @@ def prototype_statistics(head: nn.Module, train_winners: np.ndarray, train_label
     total = int(valid_np.sum())
     dead = int(((own == 0) & valid_np).sum())
     shares: dict[str, float | None] = {}
+    effective: dict[str, float | None] = {}
     for c in range(valid_np.shape[0]):
         name = str(class_names[c]) if class_names is not None else str(c)
         images = int((labels == c).sum())
         shares[name] = float(own[c][valid_np[c]].max() / images) if images and valid_np[c].any() else None
+        fractions = own[c][own[c] > 0] / images if images else np.zeros(0)
+        effective[name] = float(np.exp(-(fractions * np.log(fractions)).sum())) if fractions.size else None
     return {"dead_prototype_share": dead / total if total else None,
             "median_push_similarity": _median(head.push_similarity.detach().cpu()[valid].float()),
             "median_prepush_similarity": _median(head.bank.prepush_similarity.detach().cpu()[valid].float()),
             "never_pushed": int((head.push_image.cpu()[valid] < 0).sum()),
-            "top_prototype_win_share": shares}
+            "top_prototype_win_share": shares, "effective_prototypes": effective}
 
 
 def faithfulness_report(model: nn.Module, split: Any, indices: Sequence[int] | None, batch_size: int,

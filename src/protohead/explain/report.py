@@ -198,9 +198,13 @@ def _faithfulness_html(faithfulness: Mapping[str, Any]) -> str:
         out.append("<p>No deletion test: this head gives no per-token evidence map.</p>")
     out.append(_table(("measure", "value"), [(label, faithfulness.get(key)) for key, label in FAITHFULNESS_SCALARS]))
     shares = faithfulness.get("top_prototype_win_share") or {}
+    effective = faithfulness.get("effective_prototypes") or {}
     if shares:
-        out.append("<p>Share of each class's training images won by its most-winning prototype:</p>"
-                   + _table(("class", "top prototype win share"), list(shares.items())))
+        out.append("<p>Share of each class's training images won by its most-winning prototype, and the effective "
+                   "number of prototypes that explain the class (exp of the entropy of the wins; 1 = one prototype "
+                   "explains every image of the class):</p>"
+                   + _table(("class", "top prototype win share", "effective prototypes"),
+                            [(name, share, effective.get(name)) for name, share in shares.items()]))
     return "\n".join(out)
 
 
