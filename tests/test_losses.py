@@ -351,3 +351,13 @@ def test_prototype_usage_spreads_the_wins_of_a_collapsed_class():
         optimizer.step()
     wins = distances().argmin(1).bincount(minlength=2).tolist()
     assert min(wins) >= 3, wins
+
+
+def test_prototype_usage_computes_in_float32_on_bfloat16_distances():
+    """Under bfloat16 autocast the distances arrive in bfloat16: the term (Sinkhorn scaling included) runs on them
+    cast to float32, so it equals the float32 computation on the same rounded values."""
+    dist, _, _, valid, labels = make_case(**USAGE_CASES[-2])
+    low = dist.to(torch.bfloat16)
+    got = losses.prototype_usage_loss(low, valid, labels)
+    assert got.dtype == torch.float32
+    assert float(got) == float(losses.prototype_usage_loss(low.float(), valid, labels))
