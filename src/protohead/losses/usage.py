@@ -1,7 +1,7 @@
 """Balanced use of each class's prototypes on that class's own images (a multi-prototype head's anti-collapse term).
 
 With logits set by the best-matching prototype of each class, the prototype that wins early takes every gradient of
-its class and keeps winning: on HAM10000 one prototype per class wins 96–99 % of that class's training images, so the
+its class and keeps winning: on HAM10000 one prototype per class wins 78–100 % of that class's training images, so the
 other prototypes almost never explain a correct prediction. This term asks the samples of a class in the batch to be
 split evenly among its valid prototypes, as in the pixel–prototype assignment of ProtoSeg (Zhou et al., CVPR 2022) and
 the swapped assignments of SwAV (Caron et al., NeurIPS 2020): an equipartition target is computed by Sinkhorn–Knopp
