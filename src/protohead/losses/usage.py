@@ -31,9 +31,8 @@ def balanced_assignment(scores: torch.Tensor, members: torch.Tensor, slots: torc
         (C, B, M) targets: each member's row sums to 1, each valid slot receives about n_c / K_c of the class's
         mass; zero outside members × valid slots.
     """
-    mask = members[:, :, None] & slots[:, None, :]
-    shifted = (scores - scores.masked_fill(~mask, float("-inf")).amax(dim=-1, keepdim=True).clamp_min(-1e30)) / epsilon
-    plan = shifted.masked_fill(~mask, float("-inf")).exp()
+    masked = scores.masked_fill(~(members[:, :, None] & slots[:, None, :]), float("-inf"))
+    plan = ((masked - masked.amax(dim=-1, keepdim=True).clamp_min(-1e30)) / epsilon).exp()  # 0 outside the mask
     count = members.sum(1).to(scores.dtype)[:, None, None]  # n_c
     width = slots.sum(1).to(scores.dtype)[:, None, None]  # K_c
     for _ in range(iterations):
@@ -75,5 +74,5 @@ def prototype_usage_loss(distances: torch.Tensor, valid: torch.Tensor, labels: t
     target = balanced_assignment(scores.detach(), members, slots, epsilon)
     log_assignment = (sharpness * scores).masked_fill(~slots[:, None, :], float("-inf")).log_softmax(dim=-1)
     per_sample = -(target * log_assignment.masked_fill(~slots[:, None, :], 0.0)).sum(-1)  # (C', B)
-    per_class = (per_sample * members).sum(1) / members.sum(1)
+    per_class = (per_sample * members).sum(1) / count[eligible]
     return per_class.mean()
