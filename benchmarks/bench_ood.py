@@ -4,13 +4,15 @@ Far-OOD and covariate shift, on the sets of ``benchmarks/ood_sets.py``::
 
     .venv/bin/python benchmarks/ood_sets.py /tmp/ood-sets
     .venv/bin/python benchmarks/bench_ood.py score RUN_DIR /tmp/ood-sets [--data DIR] [--json J] [--save-outputs X.npz]
+        [--fit-density]
     .venv/bin/python benchmarks/bench_ood.py table X.npz [--temperature T]      # the tables again, no backbone
 
 The run's test split is the in-distribution (a frozen-backbone run reads its features from the feature cache),
 every folder of images under the sets folder one OOD set; rows are grouped as in ``manifest.json`` (far-OOD
 synthetic, far-OOD natural, covariate shift) with a pooled row per group. Columns: AUROC and FPR95 of each
-score of :mod:`protohead.ood` (``max_similarity``, ``energy``, ``logit_energy``, ``max_probability`` = 1 − max
-probability), and the detection rate of the default score at the threshold that accepts 95 % of validation.
+score of :mod:`protohead.ood` (``mahalanobis`` = the head's feature distance, for runs that fitted it;
+``max_similarity``, ``energy``, ``logit_energy``, ``max_probability`` = 1 − max probability), and the detection
+rate of the run's own score at the threshold that accepts 95 % of validation.
 A second table sweeps the prototype-energy temperature on the pooled far-OOD images.
 
 Near-OOD (an unseen lesion class), :func:`near_ood`::
@@ -43,7 +45,6 @@ import numpy as np
 from protohead.ood import (
     ACCEPTANCE,
     DEFAULT_ENERGY_TEMPERATURE,
-    DEFAULT_METHOD,
     HeadOutputs,
     UnreadableImageWarning,
     choose_threshold,
@@ -74,9 +75,11 @@ def set_folders(root: Path) -> dict[str, tuple[str, list[Path]]]:
 
 def _pooled(outputs: list[HeadOutputs]) -> HeadOutputs:
     sims = [o.similarities for o in outputs]
+    distances = [o.feature_distances for o in outputs]
     return HeadOutputs(np.concatenate([o.logits for o in outputs]), np.concatenate([o.probabilities for o in outputs]),
                        None if any(s is None for s in sims) else np.concatenate(sims),
-                       [s for o in outputs for s in o.sources])
+                       [s for o in outputs for s in o.sources],
+                       None if any(d is None for d in distances) else np.concatenate(distances))
 
 
 @dataclass
@@ -102,7 +105,8 @@ class Collected:
         """Everything to one ``.npz`` (keys ``<part>/<field>``; parts ``val``, ``in`` and the set names)."""
         parts = {"val": self.val, "in": self.ins, **{name: o for name, (_, o, _) in self.sets.items()}}
         arrays = {f"{n}/{f}": getattr(o, f) for n, o in parts.items()
-                  for f in ("logits", "probabilities", "similarities") if getattr(o, f) is not None}
+                  for f in ("logits", "probabilities", "similarities", "feature_distances")
+                  if getattr(o, f) is not None}
         meta = {"run_dir": self.run_dir, "split": self.split, "class_names": list(self.class_names),
                 "seconds": self.seconds, "sets": {n: [g, len(o.logits), k] for n, (g, o, k) in self.sets.items()}}
         np.savez_compressed(path, __meta__=np.array(json.dumps(meta)), __labels__=self.labels, **arrays)
@@ -113,25 +117,29 @@ class Collected:
         meta = json.loads(str(z["__meta__"]))
 
         def part(name: str) -> HeadOutputs:
-            sims = z[f"{name}/similarities"] if f"{name}/similarities" in z.files else None
+            sims, distances = (z[f"{name}/{f}"] if f"{name}/{f}" in z.files else None
+                               for f in ("similarities", "feature_distances"))
             return HeadOutputs(z[f"{name}/logits"], z[f"{name}/probabilities"], sims,
-                               [f"{name}[{i}]" for i in range(len(z[f"{name}/logits"]))])
+                               [f"{name}[{i}]" for i in range(len(z[f"{name}/logits"]))], distances)
 
         sets = {n: (g, part(n), k) for n, (g, _, k) in meta["sets"].items()}
         return cls(meta["run_dir"], meta["split"], part("val"), part("in"), z["__labels__"],
                    tuple(meta["class_names"]), sets, meta["seconds"])
 
 
-def collect(run_dir: Path, sets_root: Path, data: Path | None = None, split: str = "test") -> Collected:
+def collect(run_dir: Path, sets_root: Path, data: Path | None = None, split: str = "test",
+            fit_density: bool = False) -> Collected:
     """Score the run's validation and ``split`` images and every set folder under ``sets_root`` (backbone runs
-    only on the OOD images of a frozen-backbone run; its own splits come from the feature cache)."""
+    only on the OOD images of a frozen-backbone run; its own splits come from the feature cache).
+    ``fit_density``: fit the feature density of a run trained before it existed (in memory; see
+    :func:`protohead.ood.run_scoring`)."""
     import dataclasses
 
     from protohead import runfolder
     from protohead.pipeline import load_data
 
     started = time.perf_counter()
-    predictor, val, ins = run_scoring(run_dir, split, data)
+    predictor, val, ins = run_scoring(run_dir, split, data, fit_density=fit_density)
     config = runfolder.read_config(run_dir)
     if data is not None:
         config = dataclasses.replace(config, data=str(data))
@@ -178,7 +186,7 @@ def tabulate(collected: Collected, temperature: float = DEFAULT_ENERGY_TEMPERATU
             sweep[f"{t:g}"] = ood_metrics(ins.scores("energy", t), far_out.scores("energy", t))
         sweep["max_similarity"] = ood_metrics(ins.scores("max_similarity"), far_out.scores("max_similarity"))
     return {"run_dir": collected.run_dir, "split": collected.split, "n_in": len(ins.logits), "n_val": len(val.logits),
-            "methods": list(methods), "headline": DEFAULT_METHOD, "thresholds": thresholds,
+            "methods": list(methods), "headline": ins.default_method, "thresholds": thresholds,
             "energy_temperature": temperature, "rows": rows, "in_distribution_flagged": flagged,
             "in_distribution_counts": {c: int((collected.labels == k).sum())
                                        for k, c in enumerate(collected.class_names)},
@@ -303,6 +311,9 @@ def main() -> None:
     score.add_argument("--json", type=Path, help="also write the full result here")
     score.add_argument("--save-outputs", type=Path, help="also write every image's head outputs to this .npz "
                                                            "(re-tabulate it with the table mode)")
+    score.add_argument("--fit-density", action="store_true",
+                       help="fit the feature density (mahalanobis score) of a run trained before runs fitted it, in "
+                            "memory (the run folder is not changed)")
     table = sub.add_parser("table", help="the tables again from a --save-outputs file (no backbone)")
     table.add_argument("outputs", type=Path)
     table.add_argument("--temperature", type=float, default=DEFAULT_ENERGY_TEMPERATURE, help="prototype energy T")
@@ -319,7 +330,7 @@ def main() -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.mode in ("score", "table"):
         if args.mode == "score":
-            collected = collect(args.run_dir, args.sets, args.data)
+            collected = collect(args.run_dir, args.sets, args.data, fit_density=args.fit_density)
             if args.save_outputs:
                 collected.save(args.save_outputs)
         else:

@@ -143,13 +143,13 @@ def test_evaluate_ood_end_to_end(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "broken.png" in captured.err and "warning" in captured.err
     printed = json.loads(captured.out)
-    assert printed["method"] == "logit_energy" and math.isfinite(printed["auroc"])
+    assert printed["method"] == "mahalanobis" and math.isfinite(printed["auroc"])  # the run fitted its density
     assert printed["counts"] == {"in_distribution": 4, "validation": 4, "ood": 4, "unreadable": 1}
 
     out = run / "ood-ood"
     result = json.loads((out / "ood.json").read_text())
     assert 0.0 <= result["auroc"] <= 1.0 and 0.0 <= result["fpr95"] <= 1.0
-    assert set(result["methods"]) == {"max_similarity", "energy", "logit_energy", "max_probability"}
+    assert set(result["methods"]) == {"mahalanobis", "max_similarity", "energy", "logit_energy", "max_probability"}
     assert [Path(item["path"]).name for item in result["unreadable"]] == ["broken.png"]
     assert (out / "ood_histogram.png").stat().st_size > 0 and (out / "ood_roc.png").stat().st_size > 0
     assert len((out / "ood_scores.csv").read_text().splitlines()) == 1 + 4 + 4
@@ -191,13 +191,20 @@ def test_evaluate_without_ood_is_unchanged_and_ood_options_need_ood(tmp_path, ca
         Image.fromarray(np.full((9, 9, 3), 50 * i, dtype=np.uint8)).save(ood / f"{i}.bmp")
     assert cli(["evaluate", str(run), "--ood", str(ood)]) == 0
     result = json.loads((run / "ood-ood" / "ood.json").read_text())
-    assert result["method"] == "logit_energy" and set(result["methods"]) == {"logit_energy", "max_probability"}
+    assert result["method"] == "mahalanobis"
+    assert set(result["methods"]) == {"mahalanobis", "logit_energy", "max_probability"}
 
 
 def test_head_outputs_without_prototypes_refuse_prototype_scores():
     outputs = HeadOutputs(np.array([[2.0, 0.0]]), np.array([[0.8, 0.2]]), None, ["x"])
-    assert outputs.methods == ("logit_energy", "max_probability")
+    assert outputs.methods == ("logit_energy", "max_probability") and outputs.default_method == "logit_energy"
     np.testing.assert_allclose(outputs.scores("max_probability"), [0.2])
+    with pytest.raises(ValueError, match="needs the head's fitted feature density"):
+        outputs.scores("mahalanobis")
+    fitted = HeadOutputs(outputs.logits, outputs.probabilities, None, ["x"], np.array([7.0]))
+    assert fitted.methods == ("mahalanobis", "logit_energy", "max_probability")
+    assert fitted.default_method == "mahalanobis"
+    np.testing.assert_allclose(fitted.scores("mahalanobis"), [7.0])
     with pytest.raises(ValueError, match="needs prototype similarities"):
         outputs.scores("energy")
     with pytest.raises(ValueError, match="unknown OOD method"):

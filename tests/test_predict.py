@@ -170,7 +170,8 @@ def test_predict_flags_what_is_not_like_the_training_images(ham_run):
     out, cfg = ham_run
     predictor = load_run(out)
     selection = predictor.loaded.selection
-    assert selection["ood_method"] == "logit_energy" and np.isfinite(selection["ood_threshold"])
+    assert selection["ood_method"] == "mahalanobis" and np.isfinite(selection["ood_threshold"])
+    assert predictor.head.feature_density.fitted
     rng = np.random.default_rng(0)
     noise = [rng.integers(0, 256, (150, 200, 3), dtype=np.uint8) for _ in range(4)]
     flagged = [p.ood for p in predictor.predict(noise)]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protohead.density import FeatureDensity, ood_outputs
 from protohead.objective import AdjustedCrossEntropy, HeadScores, log_prior
 from protohead.validation import check_head_inputs
 
@@ -41,6 +42,7 @@ class BaselineHead(nn.Module):
         scale = tau if kind == "linear_la" else 1.0
         self.register_buffer("logit_offset", (scale * log_prior(counts)).float()
                              if kind in ("linear_la", "balanced_softmax") else torch.zeros(num_classes))
+        self.feature_density = FeatureDensity()  # fitted after training, as the prototype head's
         self.objective = AdjustedCrossEntropy()
 
     def score(self, pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None = None
@@ -55,7 +57,7 @@ class BaselineHead(nn.Module):
         else:
             logits = self.linear(x)
         uncertainty = (1 - logits.softmax(-1).amax(-1)).detach()
-        outputs = {"uncertainty": uncertainty, "ood_score": -torch.logsumexp(logits.detach(), dim=-1)}
+        outputs = {"uncertainty": uncertainty, **ood_outputs(self.feature_density, pooled, logits)}
         return HeadScores(logits, state={"logit_offset": self.logit_offset}), outputs
 
     def forward(self, pool_features: torch.Tensor, img_features: torch.Tensor, labels: torch.Tensor | None = None

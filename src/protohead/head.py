@@ -18,6 +18,7 @@ from protohead import losses
 from protohead.attention import Dropout, MixedAttentionBlock, fused_path_available
 from protohead.bank import PrototypeBank
 from protohead.config import HeadConfig, preset_config
+from protohead.density import FeatureDensity, ood_outputs
 from protohead.objective import HeadScores, PrototypeObjective, scalar_terms
 from protohead.similarity import masked_max, patch_similarity, prototype_similarity
 from protohead.validation import check_head_inputs
@@ -43,8 +44,10 @@ class HeadOptimal(nn.Module):
     - without labels (inference, eval mode only): ``loss`` is ``None`` and ``info`` holds ``uncertainty``
       (B,), ``probabilities`` (B, C), ``similarities`` (B, C, M) with unused slots at −inf,
       ``evidence`` (B, C, M, N) the per-token evidence map of each prototype (:attr:`evidence_kind`),
-      ``winning_prototype`` (B, C), ``ood_score`` (B,): the energy −logsumexp of the logits (each logit is
-      T × the best prototype similarity of its class), higher = further from every prototype.
+      ``winning_prototype`` (B, C), ``ood_score`` (B,), higher = further from what the run has seen: the
+      squared Mahalanobis distance of the pooled features to the nearest class mean (``feature_distance``,
+      :mod:`protohead.density`) once :attr:`feature_density` is fitted (runs fit it after training), else the
+      energy −logsumexp of the logits (each logit is T × the best prototype similarity of its class).
     Without labels in training mode it raises ``ValueError`` (it never returns a silent zero loss).
     """
 
@@ -81,6 +84,7 @@ class HeadOptimal(nn.Module):
         counts = torch.zeros(config.num_classes) if config.class_counts is None else torch.tensor(
             config.class_counts, dtype=torch.float32)
         self.register_buffer("class_counts", counts)
+        self.feature_density = FeatureDensity()  # fitted after training (protohead.pipeline.calibrate)
         if config.use_class_balanced and config.class_counts is None:
             warnings.warn("use_class_balanced=True without class_counts: class weights stay uniform until "
                           "set_class_counts() is called with the training split's counts", UserWarning, stacklevel=2)
@@ -248,7 +252,8 @@ class HeadOptimal(nn.Module):
         (B,) and the head state the objective reads. ``outputs``: ``uncertainty`` (B,), ``similarities``
         (B, C, M) with unused slots at −inf, ``evidence`` (B, C, M, N) when ``return_attention`` (else None; see
         :attr:`evidence_kind`),
-        ``winning_prototype`` (B, C), ``ood_score`` (B,) (logit energy). ``labels`` are only validated here.
+        ``winning_prototype`` (B, C), ``ood_score`` (B,) and, once fitted, ``feature_distance`` (B,) (see
+        :func:`protohead.density.ood_outputs`). ``labels`` are only validated here.
         """
         img_features = check_head_inputs(pool_features, img_features, labels, self.config.img_feat_dim,
                                          self.config.num_classes, dtype=self.proj[0].weight.dtype)
@@ -274,7 +279,7 @@ class HeadOptimal(nn.Module):
                  "temperature": temperature}
         if self.config.use_uncertainty_weighting:
             state["log_sigma"] = self.log_sigma
-        outputs = {"uncertainty": uncertainty.detach(), "ood_score": -torch.logsumexp(logits.detach(), dim=-1),
+        outputs = {"uncertainty": uncertainty.detach(), **ood_outputs(self.feature_density, img_features, logits),
                    "similarities": sim.detach().masked_fill(~valid, float("-inf")),
                    "evidence": None if attention is None else attention.detach(), "winning_prototype": winner}
         return HeadScores(logits, dist, abstain_logit, state), outputs

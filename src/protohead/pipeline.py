@@ -26,12 +26,13 @@ from protohead.augment import (
     random_symmetric_tokens,
     random_symmetries,
 )
+from protohead.device import model_device
 from protohead.head import HeadOptimal
 from protohead.model import EndToEnd, build_model, head_of, model_signature, uncertainty_rule
 from protohead.posthoc import final_outputs
 from protohead.runconfig import RunConfig
 from protohead.training.checkpoint import load_checkpoint, save_checkpoint
-from protohead.training.loop import SplitInputs, Trainer, predict, write_json
+from protohead.training.loop import SplitInputs, Trainer, batches_of, predict, write_json
 from protohead.views import apply_views, view_names
 
 
@@ -315,6 +316,7 @@ def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) ->
             runfolder.write_config(run_dir, config)
     result = trainer.fit()
     best_metadata = load_checkpoint(trainer.best_path, model)  # the selected model, from here on
+    fit_feature_density(model, data.splits["train"], config.eval_batch_size, len(data.class_names))
     result["best"].update(calibrate(config, model, data, result["best"]))
     if distributed.is_main():  # the selection record (τ, temperature) travels with the checkpoint
         save_checkpoint(trainer.best_path, model, metadata={**best_metadata, "best": result["best"]})
@@ -328,10 +330,31 @@ def fit(config: RunConfig, run_dir: Path, data: PreparedData, resuming: bool) ->
     return result
 
 
+@torch.no_grad()
+def fit_feature_density(model: nn.Module, split: SplitInputs, batch_size: int, num_classes: int) -> None:
+    """Fit the head's class Gaussians (:mod:`protohead.density`) on ``split``'s pooled features: the identity
+    view, the model in eval mode (a fine-tuned run: its trained backbone); the head's ``ood_score`` is their
+    feature distance from then on."""
+    was_training = model.training
+    model.eval()
+    pooled = [split.fetch(indices, False)[1].float().cpu() for indices in batches_of(torch.arange(split.size),
+                                                                                       batch_size)]
+    model.train(was_training)
+    density = head_of(model).feature_density
+    try:
+        density.fit(torch.cat(pooled), torch.from_numpy(split.labels.astype(np.int64)), num_classes)
+    except ValueError as error:  # e.g. every training image has the same features: keep the logit energy
+        warnings.warn(f"no feature density fitted ({error}); the run's OOD score stays the logit energy",
+                      RuntimeWarning, stacklevel=2)
+        return
+    density.to(model_device(model))
+
+
 def calibrate(config: RunConfig, model: nn.Module, data: PreparedData, best: dict[str, Any]) -> dict[str, Any]:
     """What the selected model decides with beyond τ, fitted on the validation split: the calibration temperature
     (temperature scaling after the post-hoc shift; ``calibrate=false``: 1) and the out-of-distribution threshold
-    (the logit-energy score that 95 % of validation images stay under).
+    (the head's ``ood_score`` that 95 % of validation images stay under: the feature distance once
+    :func:`fit_feature_density` has run, else the logit energy).
 
     For an abstention head it also compares, on validation, the AURC of the abstention probability with that of
     the max-probability score and keeps the better as the run's ``uncertainty_source``.
@@ -348,7 +371,8 @@ def calibrate(config: RunConfig, model: nn.Module, data: PreparedData, best: dic
     probs, given = final_outputs(val["probabilities"], val["uncertainty"], data.class_counts, tau, abstention,
                                  balanced)
     record = {"calibration_temperature": fit_temperature(probs, val["labels"]) if config.calibrate else 1.0,
-              "ood_method": "logit_energy", "ood_threshold": choose_threshold(val["ood_score"], ACCEPTANCE),
+              "ood_method": "mahalanobis" if head_of(model).feature_density.fitted else "logit_energy",
+              "ood_threshold": choose_threshold(val["ood_score"], ACCEPTANCE),
               "ood_acceptance": ACCEPTANCE}
     if abstention:  # the abstention probability earns its place only if it ranks validation errors better
         correct = probs.argmax(1) == val["labels"]

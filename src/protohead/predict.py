@@ -61,7 +61,8 @@ class Prediction:
         uncertainty: the abstention probability (abstention heads) or 1 − max probability.
         uncertainty_source: ``"abstention"`` or ``"max_probability"``.
         abstain: abstention heads: whether abstaining is more likely than not (uncertainty ≥ 0.5); else None.
-        ood_score: the logit energy −logsumexp(logits): higher = further from every prototype.
+        ood_score: the head's ``ood_score``, higher = further from the training images: the feature distance
+            (:mod:`protohead.density`), or the logit energy −logsumexp(logits) for runs without one.
         ood: whether ``ood_score`` is above the run's threshold (chosen so that 95 % of validation images stay
             below it): the image does not look like the training lesions. None for runs without a threshold.
         prototypes: the most similar prototypes with their evidence (prototype heads; empty for baselines).

@@ -24,7 +24,7 @@ VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip", "rot180", "rot90", "rot2
 
 MAX_VIEWS = len(VIEWS)
 
-AVERAGED_KEYS = ("probabilities", "uncertainty", "ood_score")
+AVERAGED_KEYS = ("probabilities", "uncertainty", "ood_score", "feature_distance")
 """Per-sample outputs averaged over views; every other output (similarities, evidence, winners) is the identity
 view's, so the pictures show the image as it is."""
 

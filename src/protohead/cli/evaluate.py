@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="out-of-distribution images (searched recursively): measure how well the run flags "
                              "them against the split's images (AUROC, FPR at 95%% TPR) instead of the split metrics")
     parser.add_argument("--ood-method", choices=METHODS,
-                        help="with --ood: the headline score (default logit_energy; every method the run supports "
+                        help="with --ood: the headline score (default: the run's own, mahalanobis, or logit_energy for "
+                             "runs without a fitted feature density; every method the run supports "
                              "is measured in ood.json)")
     parser.add_argument("--ood-threshold", type=float,
                         help="with --ood: flag images scoring above this (default: accept 95%% of validation)")
