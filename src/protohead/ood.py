@@ -22,7 +22,7 @@ classes at the head's own temperature.
 
 Default: ``"mahalanobis"`` — every run fits its head's feature density after training and its ``ood_score`` and
 threshold are that distance. The prototype scores below only see the directions the head learned to separate:
-on the default ``patch`` preset the logit energy reached far-OOD natural AUROC 0.79–0.80 on frozen features and
+on the default ``patch`` preset the logit energy reached far-OOD natural AUROC 0.75–0.80 on frozen features and
 0.64–0.86 after partial fine-tuning (3 seeds), the feature distance 0.999 and 0.977–0.996 (BENCHMARKS §8).
 Runs trained before runs fitted the density fall back to ``"logit_energy"`` (:data:`DEFAULT_METHOD`;
 :func:`ood_scores` on similarities alone defaults to ``"max_similarity"``). The rest of this docstring compares
