@@ -84,7 +84,7 @@ class HeadOptimal(nn.Module):
         counts = torch.zeros(config.num_classes) if config.class_counts is None else torch.tensor(
             config.class_counts, dtype=torch.float32)
         self.register_buffer("class_counts", counts)
-        self.feature_density = FeatureDensity()  # fitted after training (protohead.pipeline.calibrate)
+        self.feature_density = FeatureDensity()  # fitted after training (protohead.pipeline.fit_feature_density)
         if config.use_class_balanced and config.class_counts is None:
             warnings.warn("use_class_balanced=True without class_counts: class weights stay uniform until "
                           "set_class_counts() is called with the training split's counts", UserWarning, stacklevel=2)
