@@ -93,3 +93,32 @@ def test_heads_score_ood_by_feature_distance_once_fitted_and_the_checkpoint_carr
         unfitted = make().eval()
         unfitted.load_state_dict(make().state_dict())  # and an unfitted state stays unfitted
         assert not unfitted.feature_density.fitted
+
+
+def test_runs_fit_the_density_on_the_identity_view_in_eval_mode_and_keep_energy_when_they_cannot():
+    from protohead.pipeline import fit_feature_density
+    from protohead.training.loop import SplitInputs
+
+    generator = torch.Generator().manual_seed(1)
+    pooled = torch.randn(2 * 30, 16, generator=generator)  # rows 0..29 the images, 30..59 a second view
+    labels = np.arange(30) % 3
+    seen: list[tuple[int, bool]] = []
+
+    def fetch(indices: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        seen.append((int(indices.max()), train))
+        return torch.zeros(len(indices), 4, 16), pooled[indices], torch.from_numpy(labels[indices % 30])
+
+    head = HeadOptimal(preset="patch", num_classes=3, img_feat_dim=16, emb_dim=8, num_heads=2).train()
+    fit_feature_density(head, SplitInputs(fetch, 30, labels, views=2), batch_size=8, num_classes=3)
+    assert head.training and head.feature_density.fitted  # mode restored
+    assert max(row for row, _ in seen) < 30 and not any(train for _, train in seen)
+    expected, _ = fit_class_gaussians(pooled[:30], torch.from_numpy(labels), 3)
+    torch.testing.assert_close(head.feature_density.means, expected.float())
+
+    constant = HeadOptimal(preset="patch", num_classes=3, img_feat_dim=16, emb_dim=8, num_heads=2)
+    pooled = torch.ones(60, 16)
+    with pytest.warns(RuntimeWarning, match="no feature density fitted.*not positive definite"):
+        fit_feature_density(constant, SplitInputs(fetch, 30, labels, views=2), batch_size=8, num_classes=3)
+    assert not constant.feature_density.fitted
+    _, _, info = constant.eval()(torch.randn(2, 4, 16), torch.randn(2, 16))
+    assert "feature_distance" not in info  # the logit energy stays its OOD score
