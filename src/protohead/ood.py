@@ -467,8 +467,7 @@ def run_scoring(run_dir: str | os.PathLike[str], split: str = "test", data_path:
 
         model = predictor.loaded.model
         prepared = prepare(config, backbone=predictor.backbone if isinstance(model, EndToEnd) else None)
-        fit_feature_density(model, prepared.splits["train"], 256, len(dataset.class_names))
-        model.eval()
+        fit_feature_density(model, prepared.splits["train"], config.eval_batch_size, len(dataset.class_names))
     val = split_outputs(predictor, dataset.splits["val"], cache)
     scored = val if split == "val" else split_outputs(predictor, dataset.splits[split], cache)
     return predictor, val, scored
