@@ -14,8 +14,9 @@ prototypes), while this distance on the same models' pooled features reaches 0.9
 
 The covariance is shrunk towards a scaled identity, Σ_s = (1 − a)·Σ + a·(tr Σ / F)·I with a =
 :data:`DEFAULT_SHRINKAGE`, only so that it is invertible (constant feature dimensions, n < F); AUROC moved by
-< 0.01 for a between 0 and 0.3 (at most 0.015 up to 0.6) on both kinds of model. The module stores the class
-means (C, F) and a whitening matrix W (F, F) with W Wᵀ = Σ_s⁻¹, so the distance is ‖(x − μ_c) W‖².
+< 0.01 for a between 0 and 0.3 (at most 0.015 up to 0.6) on both kinds of model
+(``benchmarks/bench_feature_ood.py``). The module stores the class means (C, F) and a whitening matrix W (F, F)
+with W Wᵀ = Σ_s⁻¹, so the distance is ‖(x − μ_c) W‖².
 
 Pure functions first (:func:`fit_class_gaussians`, :func:`mahalanobis_distances`); :class:`FeatureDensity` holds
 the fitted tensors as buffers, so they travel in the checkpoint with the head.
