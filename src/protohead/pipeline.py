@@ -166,7 +166,6 @@ def split_views(config: RunConfig, name: str) -> int:
 def prepare(config: RunConfig, backbone: Any = None) -> PreparedData:
     """Load the dataset and make model inputs: cached frozen features, or images through a trainable backbone
     (``backbone``: a fine-tuned run's own; default: a fresh pretrained one)."""
-    from protohead.backbones import build_backbone, train_backbone
     from protohead.features import extract_features
 
     dataset = load_data(config)
@@ -185,7 +184,7 @@ def prepare(config: RunConfig, backbone: Any = None) -> PreparedData:
                 for name in names}
     if config.finetune and config.finetune_blocks:  # partial: the frozen front once (cached), its tail trained
         if backbone is None:
-            backbone = train_backbone(build_backbone(config.backbone, config.input_size), config.finetune_blocks)
+            backbone = config.build_backbone()
         identity = backbone_identity(backbone)
         splits = {name: tail_inputs(backbone, inputs, config.finetune_blocks, config.augment)
                   for name, inputs in cached(backbone.front(config.finetune_blocks)).items()}
@@ -193,13 +192,13 @@ def prepare(config: RunConfig, backbone: Any = None) -> PreparedData:
                             dataset.splits)
     if config.finetune:
         if backbone is None:
-            backbone = train_backbone(build_backbone(config.backbone, config.input_size))
+            backbone = config.build_backbone()
         identity = backbone_identity(backbone)  # the starting point; the trained weights live in the checkpoint
         splits = {name: image_inputs(backbone, dataset.splits[name], split_views(config, name), config.augment,
                                      config.loader_threads) for name in names}
         return PreparedData(dataset.class_names, splits, ids, backbone.feature_dim, counts, backbone, identity,
                             dataset.splits)
-    backbone = build_backbone(config.backbone, config.image_size)
+    backbone = config.build_backbone()
     return PreparedData(dataset.class_names, cached(backbone), ids, backbone.feature_dim, counts, None,
                         backbone_identity(backbone), dataset.splits)
 

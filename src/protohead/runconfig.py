@@ -33,6 +33,7 @@ class RunConfig:
     head: dict[str, Any] = field(default_factory=dict)
     backbone: str = "efficientnet_lite0"
     image_size: int = 224
+    multiscale: bool = False  # efficientnet_lite0: append block 14's output (192 ch) to every token (F = 1472)
     cache_dir: str | None = None
     subset_per_class: int | None = None  # cap images per class and split (quick runs, tests)
     epochs: int = 15
@@ -87,6 +88,9 @@ class RunConfig:
             raise ValueError("config key 'augment' = 'strong' crops and recolours images, which partial fine-tuning "
                              f"(finetune_blocks={self.finetune_blocks}) never sees (it trains on cached front maps); "
                              "use augment=flips there, or finetune_blocks=0")
+        if self.multiscale and self.backbone != "efficientnet_lite0":
+            raise ValueError(f"config key 'multiscale' = True is built for backbone efficientnet_lite0, not "
+                             f"{self.backbone!r}")
         if self.preset not in PRESETS and self.preset not in BASELINES:
             raise ValueError(f"unknown preset {self.preset!r}; choose a head preset ({', '.join(sorted(PRESETS))}) "
                              f"or a baseline ({', '.join(BASELINES)})")
@@ -104,6 +108,14 @@ class RunConfig:
         """The side images are resized to: ``finetune_image_size`` when the whole backbone trains on images,
         else ``image_size`` (frozen features, and partial fine-tuning on cached front maps)."""
         return self.finetune_image_size if self.finetune and not self.finetune_blocks else self.image_size
+
+    def build_backbone(self) -> Any:
+        """The pretrained backbone this config names, at :attr:`input_size`; made trainable when fine-tuning (all
+        of it, or its last ``finetune_blocks`` blocks). A run's trained weights come from its checkpoint."""
+        from protohead.backbones import build_backbone, train_backbone
+
+        backbone = build_backbone(self.backbone, self.input_size, multiscale=self.multiscale)
+        return train_backbone(backbone, self.finetune_blocks) if self.finetune else backbone
 
     @classmethod
     def from_dict(cls, data: Any, source: str | Path | None = None) -> RunConfig:

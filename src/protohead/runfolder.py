@@ -400,11 +400,7 @@ def load_model(run_dir: str | Path, checkpoint: str = BEST_CHECKPOINT, data: Any
         model = build_model(config, len(description["class_names"]), description["feature_dim"],
                             description["class_counts"])
     if config.finetune:
-        from protohead.backbones import build_backbone, train_backbone
-
-        backbone = build_backbone(config.backbone, config.input_size)
-        train_backbone(backbone, config.finetune_blocks)  # its weights come from the checkpoint
-        model = EndToEnd(backbone, model)
+        model = EndToEnd(config.build_backbone(), model)  # the backbone's weights come from the checkpoint
     load_state(path, model, tensors, meta)
     model.eval()
     return LoadedRun(run_dir, config, description, model, dict(user.get("best", {})))
@@ -413,13 +409,12 @@ def load_model(run_dir: str | Path, checkpoint: str = BEST_CHECKPOINT, data: Any
 def load_backbone(loaded: LoadedRun) -> Any:
     """The backbone that makes the run's features: the fine-tuned one inside the model, or the frozen one
     rebuilt by name (``ValueError`` when the installed weights differ from those the run was trained on)."""
-    from protohead.backbones import build_backbone
     from protohead.model import EndToEnd
 
     if isinstance(loaded.model, EndToEnd):
         return loaded.model.backbone
     identity = loaded.description.get("backbone") or {}
-    backbone = build_backbone(loaded.config.backbone, loaded.config.image_size)
+    backbone = loaded.config.build_backbone()
     expected = identity.get("cache_key")
     if expected is not None and backbone.cache_key() != expected:
         raise RunFolderError(f"the installed backbone {loaded.config.backbone} ({backbone.cache_key()}) is not the "

@@ -27,7 +27,7 @@ def train_backbone(backbone: Backbone, blocks: int = 0) -> Backbone:
 
 
 def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224,
-                   weights_path: str | Path | None = None, **kwargs: Any) -> Backbone:
+                   weights_path: str | Path | None = None, multiscale: bool = False, **kwargs: Any) -> Backbone:
     """Build a backbone by name.
 
     Args:
@@ -35,13 +35,18 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224,
             ``"timm:<model>"`` (e.g. ``"timm:vit_small_patch16_224"``; needs ``pip install -e .[timm]``).
         image_size: input side ``S``.
         weights_path: local weights file (``.pth``/``.pt``/``.bin`` state dict or ``.safetensors``).
+        multiscale: EfficientNet-Lite0 only: append its sixth stage's output to every token
+            (:class:`EfficientNetLite0Backbone`); another backbone with ``multiscale=True`` is a ``ValueError``.
         **kwargs: passed to the backbone class (``trainable``; for timm also ``pretrained``, ``pooled``).
 
     Raises:
         ValueError: unknown name (the message lists the valid ones).
     """
     if name == "efficientnet_lite0":
-        return EfficientNetLite0Backbone(image_size=image_size, weights_path=weights_path, **kwargs)
+        return EfficientNetLite0Backbone(image_size=image_size, weights_path=weights_path, multiscale=multiscale,
+                                         **kwargs)
+    if multiscale:
+        raise ValueError(f"multiscale features are built for efficientnet_lite0, not {name!r}")
     if name.startswith("timm:") and len(name) > len("timm:"):
         return TimmBackbone(name[len("timm:"):], image_size=image_size, weights_path=weights_path, **kwargs)
     raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONE_NAMES)} "

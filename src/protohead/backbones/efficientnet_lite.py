@@ -42,10 +42,13 @@ class EfficientNetLite0Backbone(Backbone):
         trainable: start unfrozen (default frozen; see :meth:`Backbone.set_trainable`).
         channels_last: run in channels-last memory format (same numbers; ~1.5x faster on CPU because
             of the depthwise convolutions).
+        multiscale: also give every token the output of the sixth stage (block 14: 192 channels on the same
+            ``S/32`` grid, before the last block and the head conv), concatenated after the final map's 1280:
+            ``F = 1472``. Mid-level texture and colour the 1 × 1 head conv has mixed away; a different cache key.
     """
 
     def __init__(self, image_size: int = 224, weights_path: str | Path | None = None,
-                 trainable: bool = False, channels_last: bool = True) -> None:
+                 trainable: bool = False, channels_last: bool = True, multiscale: bool = False) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -76,6 +79,9 @@ class EfficientNetLite0Backbone(Backbone):
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.tail_blocks = 0  # partial fine-tuning: see set_trainable_tail
+        self.multiscale = bool(multiscale)
+        if self.multiscale:
+            self.feature_dim += int(model._blocks[self.tap_block]._block_args.output_filters)
         self.eval()
         self.set_trainable(trainable)
 
@@ -84,10 +90,17 @@ class EfficientNetLite0Backbone(Backbone):
         """Number of MBConv blocks (16 for Lite0); partial fine-tuning trains the last ``k`` of them."""
         return len(self.model._blocks)
 
+    @property
+    def tap_block(self) -> int:
+        """Index of the block whose output ``multiscale`` adds to every token (the sixth stage's last: 14)."""
+        return self.num_blocks - 2
+
     def cache_config(self) -> dict[str, object]:
         config = super().cache_config()
         if self.tail_blocks:  # its forward rounds the front's map (absent otherwise: the key features always had)
             config["tail_blocks"] = self.tail_blocks
+        if self.multiscale:  # absent otherwise: the key single-scale features always had
+            config["multiscale"] = True
         return config
 
     def _blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -112,7 +125,8 @@ class EfficientNetLite0Backbone(Backbone):
 
     def tail(self, front_tokens: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Front tokens (B, h·w, c) (row-major, as :meth:`front` caches them) → the last ``blocks`` blocks and the
-        head conv → tokens (B, N, 1280), pooled (B, 1280), as :meth:`forward` would give for the image."""
+        head conv → tokens (B, N, F), pooled (B, F), as :meth:`forward` would give for the image (``F`` = 1280,
+        or 1472 with ``multiscale``: block 14's output appended to each token)."""
         cut = self._check_tail(blocks)
         batch, cells, channels = front_tokens.shape
         side = math.isqrt(cells)
@@ -121,7 +135,11 @@ class EfficientNetLite0Backbone(Backbone):
         x = front_tokens.reshape(batch, side, side, channels).permute(0, 3, 1, 2)
         x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
         model = self.model
-        fmap = model._swish(model._bn1(model._conv_head(self._blocks(x, cut, self.num_blocks))))
+        tap = self._blocks(x, cut, self.tap_block + 1) if cut <= self.tap_block else x
+        fmap = model._swish(model._bn1(model._conv_head(self._blocks(tap, max(cut, self.tap_block + 1),
+                                                                     self.num_blocks))))
+        if self.multiscale:
+            fmap = torch.cat([fmap, tap], dim=1)
         tokens = fmap.permute(0, 2, 3, 1).flatten(1, 2)
         return tokens, tokens.mean(dim=1)
 
@@ -156,6 +174,8 @@ class EfficientNetLite0Backbone(Backbone):
         if self.tail_blocks:
             front = self.front_map(x, self.tail_blocks)
             return self.tail(front.permute(0, 2, 3, 1).flatten(1, 2).half().float(), self.tail_blocks)
+        if self.multiscale:
+            return self.tail(self.front_map(x, 1).permute(0, 2, 3, 1).flatten(1, 2), 1)
         fmap = self.feature_map(x)
         tokens = fmap.permute(0, 2, 3, 1).flatten(1, 2)  # a view for channels-last maps
         return tokens, tokens.mean(dim=1)
