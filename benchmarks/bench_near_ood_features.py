@@ -12,7 +12,10 @@ No head is trained, so this is what any head on these features can hope for; com
 in BENCHMARKS §8 (``bench_ood.py near-ood``). Reads the official split's cached Lite0 features (extracts them
 first if the cache is empty, ≈ 5 min)::
 
-    .venv/bin/python benchmarks/bench_near_ood_features.py mel vasc df [--cache DIR]
+    .venv/bin/python benchmarks/bench_near_ood_features.py mel vasc df [--cache DIR] [--multiscale]
+
+``--multiscale`` scores the multi-scale features instead (``multiscale=true``: block 14's 192 channels appended,
+F = 1472; their own cache entry, extracted first if absent).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from protohead.backbones import build_backbone
 from protohead.density import fit_class_gaussians, mahalanobis_distances
 from protohead.features import extract_features
 from protohead.pipeline import default_cache_dir, load_data
@@ -52,10 +54,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("held_out", nargs="+", help="class names to hold out, one at a time (e.g. mel vasc df)")
     parser.add_argument("--cache", type=Path, help="feature cache folder (default: the user cache)")
+    parser.add_argument("--multiscale", action="store_true", help="the multi-scale features (F = 1472)")
     args = parser.parse_args()
-    config = load_run_config(overrides=["progress=false"])
+    config = load_run_config(overrides=["progress=false", f"multiscale={str(args.multiscale).lower()}"])
     dataset = load_data(config)
-    backbone = build_backbone(config.backbone, config.image_size)
+    backbone = config.build_backbone()
     cache = args.cache or default_cache_dir() / "features"
     features = {name: extract_features(backbone, dataset.splits[name], cache, progress=False)
                 for name in ("train", "test")}
