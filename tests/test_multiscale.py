@@ -72,3 +72,15 @@ def test_a_multiscale_run_predicts_from_images_as_it_was_scored(ham10000_root, f
     images = [test.load(i) for i in range(4)]
     np.testing.assert_allclose(predictor.outputs(images)["probabilities"], stored["probabilities"][:4], atol=1e-4)
     assert predictor.loaded.config.multiscale is True  # rebuilt from the run folder with its 1472-dim tokens
+
+
+def test_whole_finetuning_trains_through_both_scales(images):
+    backbone = train_backbone(build_backbone("efficientnet_lite0", SIZE, multiscale=True)).train()
+    _, pooled = backbone(images)
+    pooled[:, 1280:].sum().backward(retain_graph=True)  # block 14's part: reaches the stem, not block 15 or the head
+    model = backbone.model
+    assert model._conv_stem.weight.grad.abs().sum() > 0
+    for untouched in (model._conv_head.weight, model._blocks[15]._project_conv.weight):
+        assert untouched.grad is None or not untouched.grad.any()
+    pooled[:, :1280].sum().backward()
+    assert model._conv_head.weight.grad.abs().sum() > 0
