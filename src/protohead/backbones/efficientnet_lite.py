@@ -135,9 +135,8 @@ class EfficientNetLite0Backbone(Backbone):
         x = front_tokens.reshape(batch, side, side, channels).permute(0, 3, 1, 2)
         x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
         model = self.model
-        tap = self._blocks(x, cut, self.tap_block + 1) if cut <= self.tap_block else x
-        fmap = model._swish(model._bn1(model._conv_head(self._blocks(tap, max(cut, self.tap_block + 1),
-                                                                     self.num_blocks))))
+        tap = self._blocks(x, cut, self.tap_block + 1)  # block 14's output (x itself when only block 15 trains)
+        fmap = model._swish(model._bn1(model._conv_head(self._blocks(tap, self.tap_block + 1, self.num_blocks))))
         if self.multiscale:
             fmap = torch.cat([fmap, tap], dim=1)
         tokens = fmap.permute(0, 2, 3, 1).flatten(1, 2)
