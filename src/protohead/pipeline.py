@@ -165,7 +165,7 @@ def split_views(config: RunConfig, name: str) -> int:
 
 def prepare(config: RunConfig, backbone: Any = None) -> PreparedData:
     """Load the dataset and make model inputs: cached frozen features, or images through a trainable backbone
-    (``backbone``: a fine-tuned run's own; default: a fresh pretrained one)."""
+    (``backbone``: a fine-tuned run's own; default: :meth:`RunConfig.build_backbone`, a fresh pretrained one)."""
     from protohead.features import extract_features
 
     dataset = load_data(config)
@@ -182,23 +182,20 @@ def prepare(config: RunConfig, backbone: Any = None) -> PreparedData:
         return {name: feature_inputs([extract_features(extractor, dataset.splits[name], cache, progress=config.progress,
                                                        view=view) for view in view_names(split_views(config, name))])
                 for name in names}
+    if backbone is None:
+        backbone = config.build_backbone()
     if config.finetune and config.finetune_blocks:  # partial: the frozen front once (cached), its tail trained
-        if backbone is None:
-            backbone = config.build_backbone()
         identity = backbone_identity(backbone)
         splits = {name: tail_inputs(backbone, inputs, config.finetune_blocks, config.augment)
                   for name, inputs in cached(backbone.front(config.finetune_blocks)).items()}
         return PreparedData(dataset.class_names, splits, ids, backbone.feature_dim, counts, backbone, identity,
                             dataset.splits)
     if config.finetune:
-        if backbone is None:
-            backbone = config.build_backbone()
         identity = backbone_identity(backbone)  # the starting point; the trained weights live in the checkpoint
         splits = {name: image_inputs(backbone, dataset.splits[name], split_views(config, name), config.augment,
                                      config.loader_threads) for name in names}
         return PreparedData(dataset.class_names, splits, ids, backbone.feature_dim, counts, backbone, identity,
                             dataset.splits)
-    backbone = config.build_backbone()
     return PreparedData(dataset.class_names, cached(backbone), ids, backbone.feature_dim, counts, None,
                         backbone_identity(backbone), dataset.splits)
 
