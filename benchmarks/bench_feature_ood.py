@@ -17,15 +17,14 @@ threshold accepting 95 % of validation, for
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_near_ood_features import knn_scorer, mahalanobis_scorer
 from bench_ood import set_folders
 
 from protohead import runfolder
-from protohead.density import fit_class_gaussians, mahalanobis_distances
 from protohead.model import EndToEnd
 from protohead.ood import choose_threshold, ood_metrics
 from protohead.pipeline import batches_of, prepare
@@ -39,19 +38,6 @@ def pooled_features(split: SplitInputs) -> np.ndarray:
     """(n, F) identity-view pooled features of a prepared split."""
     return np.concatenate([split.fetch(idx, False)[1].float().numpy() for idx in batches_of(torch.arange(split.size),
                                                                                              256)])
-
-
-def mahalanobis(train: np.ndarray, labels: np.ndarray, shrinkage: float) -> Callable[[np.ndarray], np.ndarray]:
-    classes, index = np.unique(labels, return_inverse=True)
-    means, whitening = fit_class_gaussians(torch.from_numpy(train), torch.from_numpy(index), len(classes), shrinkage)
-    return lambda x: mahalanobis_distances(torch.from_numpy(x), means, whitening).amin(1).numpy()
-
-
-def knn(train: np.ndarray, k: int) -> Callable[[np.ndarray], np.ndarray]:
-    def unit(x: np.ndarray) -> torch.Tensor:
-        return torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
-    bank = unit(train)
-    return lambda x: -(unit(x) @ bank.T).topk(k, 1).values[:, -1].numpy()
 
 
 def main() -> None:
@@ -73,9 +59,9 @@ def main() -> None:
                 predictor.features(images[i:i + 64])[1].double().numpy() for i in range(0, len(images), 64))
     labels = {name: data.splits[name].labels for name in ("train", "test")}
     train = feats["train"]
-    scorers = {f"mahalanobis a={a:g}": mahalanobis(train, labels["train"], a) for a in SHRINKAGES}
-    scorers["knn10"] = knn(train, 10)
-    agnostic = mahalanobis(train, np.zeros(len(train), dtype=np.int64), 0.01)
+    scorers = {f"mahalanobis a={a:g}": mahalanobis_scorer(train, labels["train"], a) for a in SHRINKAGES}
+    scorers["knn10"] = knn_scorer(train, 10)
+    agnostic = mahalanobis_scorer(train, np.zeros(len(train), dtype=np.int64), 0.01)
     scorers["relative"] = lambda x: scorers["mahalanobis a=0.01"](x) - agnostic(x)
     classes = ", ".join(data.class_names)
     print("| score | " + " | ".join(groups) + f" | test images flagged per class ({classes}) |")

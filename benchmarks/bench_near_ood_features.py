@@ -21,6 +21,7 @@ F = 1472; their own cache entry, extracted first if absent).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,19 +36,21 @@ from protohead.runconfig import load_run_config
 SHRINKAGE = 1e-3
 
 
-def mahalanobis_score(train: np.ndarray, labels: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """(n, F) training features of the seen classes, their labels, (m, F) test features → (m,) min distance²."""
+def mahalanobis_scorer(train: np.ndarray, labels: np.ndarray,
+                       shrinkage: float = SHRINKAGE) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit on (n, F) training features and their labels (any class ids) once → score(x (m, F)) = (m,) squared
+    Mahalanobis distance to the nearest class mean (:mod:`protohead.density`)."""
     classes, index = np.unique(labels, return_inverse=True)
-    means, whitening = fit_class_gaussians(torch.from_numpy(train), torch.from_numpy(index), len(classes), SHRINKAGE)
-    return mahalanobis_distances(torch.from_numpy(test), means, whitening).amin(dim=1).numpy()
+    means, whitening = fit_class_gaussians(torch.from_numpy(train), torch.from_numpy(index), len(classes), shrinkage)
+    return lambda x: mahalanobis_distances(torch.from_numpy(x), means, whitening).amin(dim=1).numpy()
 
 
-def knn_score(train: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
-    """−cos(test, its k-th nearest training row) (m,): higher = further from everything seen."""
+def knn_scorer(train: np.ndarray, k: int) -> Callable[[np.ndarray], np.ndarray]:
+    """score(x (m, F)) = −cos(x, its k-th nearest training row) (m,): higher = further from everything seen."""
     def unit(x: np.ndarray) -> torch.Tensor:
         return torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
-    similarity = unit(test) @ unit(train).T
-    return -similarity.topk(k, dim=1).values[:, -1].numpy()
+    bank = unit(train)
+    return lambda x: -(unit(x) @ bank.T).topk(k, dim=1).values[:, -1].numpy()
 
 
 def main() -> None:
@@ -72,8 +75,8 @@ def main() -> None:
         seen = labels["train"] != held
         train, train_labels = pooled["train"][seen], labels["train"][seen]
         is_ood = (labels["test"] == held).astype(int)
-        scores = [mahalanobis_score(train, train_labels, pooled["test"]),
-                  knn_score(train, pooled["test"], 10), knn_score(train, pooled["test"], 50)]
+        scorers = [mahalanobis_scorer(train, train_labels), knn_scorer(train, 10), knn_scorer(train, 50)]
+        scores = [score(pooled["test"]) for score in scorers]
         print(f"| {name} | {is_ood.sum()} | " + " | ".join(f"{roc_auc_score(is_ood, s):.3f}" for s in scores) + " |",
               flush=True)
 
