@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("sets", type=Path, help="folder written by benchmarks/ood_sets.py")
     args = parser.parse_args()
     predictor = RunPredictor(runfolder.load_model(args.run_dir))
-    config = runfolder.read_config(args.run_dir)
+    config = predictor.loaded.config
     model = predictor.loaded.model
     with torch.no_grad():
         data = prepare(config, backbone=predictor.backbone if isinstance(model, EndToEnd) else None)
