@@ -1,0 +1,45 @@
+"""Mean ± std over run folders (e.g. the seeds of one configuration) of the test figures BENCHMARKS tables report.
+
+Reads each run's ``metrics.json`` (test, scored once by the run) and prints accuracy, balanced accuracy, macro-F1,
+macro AUROC, ECE, AURC and tail recall (the mean recall of the rarest third of the training classes, as
+``protohead compare``; HAM10000: df, vasc, akiec), then one line per run. Standard deviation over runs (ddof 0).
+
+    .venv/bin/python benchmarks/summarize_runs.py RUN_DIR [RUN_DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from protohead.compare import tail_classes
+from protohead.runfolder import load_model
+
+COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece", "aurc", "tail_recall")
+
+
+def run_figures(run_dir: Path) -> list[float]:
+    """The COLUMNS of one run's test metrics."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    description = load_model(run_dir).description
+    tail = tail_classes(tuple(description["class_names"]), list(description["class_counts"]))
+    metrics["tail_recall"] = float(np.mean([metrics["per_class_recall"][name] for name in tail]))
+    return [float(metrics[column]) for column in COLUMNS]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    args = parser.parse_args()
+    rows = np.array([run_figures(run_dir) for run_dir in args.run_dirs])
+    print(" | ".join(COLUMNS))
+    print(" | ".join(f"{mean:.3f} ± {std:.3f}" for mean, std in zip(rows.mean(0), rows.std(0), strict=True)))
+    for run_dir, row in zip(args.run_dirs, rows, strict=True):
+        print(f"{run_dir}: " + " ".join(f"{value:.3f}" for value in row))
+
+
+if __name__ == "__main__":
+    main()
