@@ -25,9 +25,8 @@ from bench_near_ood_features import knn_scorer, mahalanobis_scorer
 from bench_ood import set_folders
 
 from protohead import runfolder
-from protohead.model import EndToEnd
 from protohead.ood import choose_threshold, ood_metrics
-from protohead.pipeline import batches_of, prepare
+from protohead.pipeline import batches_of
 from protohead.predict import RunPredictor, read_image
 from protohead.training.loop import SplitInputs
 
@@ -46,10 +45,9 @@ def main() -> None:
     parser.add_argument("sets", type=Path, help="folder written by benchmarks/ood_sets.py")
     args = parser.parse_args()
     predictor = RunPredictor(runfolder.load_model(args.run_dir))
-    config = predictor.loaded.config
     model = predictor.loaded.model
     with torch.no_grad():
-        data = prepare(config, backbone=predictor.backbone if isinstance(model, EndToEnd) else None)
+        data = runfolder.prepare_run(predictor.loaded)
         model.eval()
         feats = {name: pooled_features(data.splits[name]).astype(np.float64) for name in ("train", "val", "test")}
         groups: dict[str, list[np.ndarray]] = {}

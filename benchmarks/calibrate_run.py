@@ -18,8 +18,7 @@ import numpy as np
 
 from protohead import runfolder
 from protohead.evaluation import augrc, aurc
-from protohead.model import EndToEnd
-from protohead.pipeline import calibrate, evaluate_model, prepare
+from protohead.pipeline import calibrate, evaluate_model
 
 
 def main() -> None:
@@ -29,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     loaded = runfolder.load_model(args.run_dir)
     config = runfolder.read_config(args.run_dir)
-    data = prepare(config, backbone=loaded.model.backbone if isinstance(loaded.model, EndToEnd) else None)
+    data = runfolder.prepare_run(loaded, config)
     selection = {**loaded.selection, **calibrate(config, loaded.model, data, loaded.selection)}
     out = args.out or Path(tempfile.mkdtemp(prefix="protohead-calibrate-"))
     metrics = evaluate_model(loaded.model, data, "test", out, config.eval_batch_size, selection)

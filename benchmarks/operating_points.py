@@ -19,16 +19,15 @@ import numpy as np
 
 from protohead.compare import tail_classes
 from protohead.evaluation import compute_metrics
-from protohead.pipeline import prepare
 from protohead.posthoc import adjust_probabilities, choose_prior_shift
-from protohead.runfolder import load_backbone, load_model
+from protohead.runfolder import load_model, prepare_run
 from protohead.training.loop import predict
 
 
 def operating_points(run_dir: str, tolerances: list[float]) -> list[dict]:
     loaded = load_model(run_dir)
     config = loaded.config
-    data = prepare(config, backbone=load_backbone(loaded) if config.finetune else None)
+    data = prepare_run(loaded)
     outputs = {split: predict(loaded.model, data.splits[split], config.eval_batch_size) for split in ("val", "test")}
     counts = data.class_counts
     tail = tail_classes(data.class_names, counts)  # the rarest third, as compare's tail recall

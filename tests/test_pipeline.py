@@ -11,9 +11,11 @@ import pytest
 import torch
 from conftest import assert_resume_is_exact
 
+from protohead.backbones.base import Backbone
 from protohead.cli.main import main as cli
-from protohead.pipeline import run
+from protohead.pipeline import evaluate_run, run
 from protohead.runconfig import load_run_config
+from protohead.runfolder import RunFolderError
 from protohead.training.checkpoint import read_checkpoint
 
 PER_CLASS = 12  # images per class and split: every class present, ~250 images in all
@@ -25,7 +27,7 @@ def config(root: Path, cache: Path, *overrides: str, **fields):
     return load_run_config(overrides=[*base, *overrides], **fields)
 
 
-def test_short_run_beats_chance_and_writes_every_output(ham10000_root, feature_cache, tmp_path):
+def test_short_run_beats_chance_and_writes_every_output(ham10000_root, feature_cache, tmp_path, monkeypatch):
     cfg = config(ham10000_root, feature_cache, "epochs=12", "push_every=4", "expand_every=4", "lr=3e-3")
     metrics = run(cfg, tmp_path / "run")
     assert metrics["balanced_accuracy"] > 0.30  # chance is 1/7 ≈ 0.14
@@ -43,6 +45,13 @@ def test_short_run_beats_chance_and_writes_every_output(ham10000_root, feature_c
     # the post-hoc shift chosen on validation for that epoch is the one applied on test
     assert written["posthoc_tau"] == chosen["posthoc_tau"] == history[best]["posthoc_tau"]
     assert history[best]["val_accuracy"] >= history[best]["val_accuracy_raw"] - cfg.posthoc_accuracy_tolerance
+    # re-evaluation from the run folder scores the same, and refuses a backbone whose weights are not the run's
+    again = evaluate_run(tmp_path / "run", out_dir=tmp_path / "again")
+    assert again["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
+    monkeypatch.setattr(Backbone, "cache_key", lambda self: "efficientnet_lite0@224px:other-weights")
+    with pytest.raises(RunFolderError, match="is not the one run"):
+        evaluate_run(tmp_path / "run", out_dir=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_bfloat16_training_on_the_cpu_learns(ham10000_root, feature_cache, tmp_path, monkeypatch):

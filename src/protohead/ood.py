@@ -462,12 +462,11 @@ def run_scoring(run_dir: str | os.PathLike[str], split: str = "test", data_path:
         raise ValueError(f"unknown split {split!r}; expected train, val or test")
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir() / "features"
     if fit_density and not predictor.head.feature_density.fitted:
-        from protohead.model import EndToEnd
-        from protohead.pipeline import fit_feature_density, prepare
+        from protohead.pipeline import fit_feature_density
 
-        model = predictor.loaded.model
-        prepared = prepare(config, backbone=predictor.backbone if isinstance(model, EndToEnd) else None)
-        fit_feature_density(model, prepared.splits["train"], config.eval_batch_size, len(dataset.class_names))
+        prepared = runfolder.prepare_run(predictor.loaded, config)
+        fit_feature_density(predictor.loaded.model, prepared.splits["train"], config.eval_batch_size,
+                            len(dataset.class_names))
     val = split_outputs(predictor, dataset.splits["val"], cache)
     scored = val if split == "val" else split_outputs(predictor, dataset.splits[split], cache)
     return predictor, val, scored

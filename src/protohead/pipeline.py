@@ -413,8 +413,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out_dir: str | Path |
     run_dir = Path(run_dir)
     loaded = runfolder.load_model(run_dir)
     config = loaded.config if data_path is None else dataclasses.replace(loaded.config, data=str(data_path))
-    # fine-tuned: the images must run through the run's own (trained) backbone
-    data = prepare(config, backbone=loaded.model.backbone if isinstance(loaded.model, EndToEnd) else None)
+    data = runfolder.prepare_run(loaded, config)  # fine-tuned: the images run through the run's own backbone
     if loaded.class_names != tuple(data.class_names):
         raise ValueError(f"the data at {config.data} have classes {list(data.class_names)}, the run "
                          f"{run_dir} was trained on {list(loaded.class_names)}")

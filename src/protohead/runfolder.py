@@ -423,6 +423,15 @@ def load_backbone(loaded: LoadedRun) -> Any:
     return backbone.eval()
 
 
+def prepare_run(loaded: LoadedRun, config: RunConfig | None = None) -> Any:
+    """The run's data prepared for its own model (:func:`protohead.pipeline.prepare`): features of the backbone
+    :func:`load_backbone` gives — the fine-tuned one inside the model, or the frozen one checked against the run's
+    weights. ``config``: the run's config with changes (e.g. where the data are now); default ``loaded.config``."""
+    from protohead.pipeline import prepare
+
+    return prepare(config if config is not None else loaded.config, backbone=load_backbone(loaded))
+
+
 # ----------------------------------------------------------------------------- prototype sources
 PROTOTYPES_DIR = "prototypes"
 PROTOTYPES_INDEX = f"{PROTOTYPES_DIR}/index.json"

@@ -61,11 +61,9 @@ def load_model(run_dir: str | Path, config: Any) -> tuple[Any, torch.nn.Module, 
     """(prepared data, the run's selected model in eval mode, its selection record: post-hoc τ and calibration
     temperature), via the run-folder module."""
     from protohead import runfolder
-    from protohead.model import EndToEnd
-    from protohead.pipeline import prepare
 
     loaded = runfolder.load_model(run_dir)
-    data = prepare(config, backbone=loaded.model.backbone if isinstance(loaded.model, EndToEnd) else None)
+    data = runfolder.prepare_run(loaded, config)
     return data, loaded.model, loaded.selection
 
 
