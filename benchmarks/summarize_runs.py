@@ -2,7 +2,9 @@
 
 Reads each run's ``metrics.json`` (test, scored once by the run) and prints accuracy, balanced accuracy, macro-F1,
 macro AUROC, ECE, AURC and tail recall (the mean recall of the rarest third of the training classes, as
-``protohead compare``; HAM10000: df, vasc, akiec), then one line per run. Standard deviation over runs (ddof 0).
+``protohead compare``; HAM10000: df, vasc, akiec), and the selected model's validation accuracy and balanced
+accuracy (``history.json``'s ``best``: what a choice between configurations may look at), then one line per run.
+Standard deviation over runs (ddof 0).
 
     .venv/bin/python benchmarks/summarize_runs.py RUN_DIR [RUN_DIR ...]
 """
@@ -18,12 +20,15 @@ import numpy as np
 from protohead.compare import tail_classes
 from protohead.runfolder import load_model
 
-COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece", "aurc", "tail_recall")
+COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece", "aurc", "tail_recall", "val_accuracy",
+           "val_balanced_accuracy")
 
 
 def run_figures(run_dir: Path) -> list[float]:
-    """The COLUMNS of one run's test metrics."""
+    """The COLUMNS of one run: its test metrics and its selected model's validation scores."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    best = json.loads((run_dir / "history.json").read_text())["best"]
+    metrics.update(val_accuracy=best["val_accuracy"], val_balanced_accuracy=best["val_balanced_accuracy"])
     description = load_model(run_dir).description
     tail = tail_classes(tuple(description["class_names"]), list(description["class_counts"]))
     metrics["tail_recall"] = float(np.mean([metrics["per_class_recall"][name] for name in tail]))
