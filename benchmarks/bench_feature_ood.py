@@ -26,7 +26,7 @@ from bench_ood import set_folders
 
 from protohead import runfolder
 from protohead.ood import choose_threshold, ood_metrics
-from protohead.pipeline import batches_of
+from protohead.pipeline import batches_of, prepare
 from protohead.predict import RunPredictor, read_image
 from protohead.training.loop import SplitInputs
 
@@ -47,7 +47,7 @@ def main() -> None:
     predictor = RunPredictor(runfolder.load_model(args.run_dir))
     model = predictor.loaded.model
     with torch.no_grad():
-        data = runfolder.prepare_run(predictor.loaded)
+        data = prepare(predictor.loaded.config, backbone=predictor.backbone)  # the run's backbone, checked when loaded
         model.eval()
         feats = {name: pooled_features(data.splits[name]).astype(np.float64) for name in ("train", "val", "test")}
         groups: dict[str, list[np.ndarray]] = {}

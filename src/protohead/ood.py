@@ -462,9 +462,9 @@ def run_scoring(run_dir: str | os.PathLike[str], split: str = "test", data_path:
         raise ValueError(f"unknown split {split!r}; expected train, val or test")
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir() / "features"
     if fit_density and not predictor.head.feature_density.fitted:
-        from protohead.pipeline import fit_feature_density
+        from protohead.pipeline import fit_feature_density, prepare
 
-        prepared = runfolder.prepare_run(predictor.loaded, config)
+        prepared = prepare(config, backbone=predictor.backbone)  # the run's backbone, checked when loaded
         fit_feature_density(predictor.loaded.model, prepared.splits["train"], config.eval_batch_size,
                             len(dataset.class_names))
     val = split_outputs(predictor, dataset.splits["val"], cache)
