@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -64,6 +65,21 @@ def test_official_sizes_and_class_counts(official: ImageDataset) -> None:
         assert len(set(split.ids)) == len(split)
         assert split.groups is not None and split.sources is not None
         assert len(split.content_key) == 64
+
+
+def test_every_split_of_the_same_files_gives_each_image_the_same_digest(official: ImageDataset,
+                                                                        ham10000_root: Path) -> None:
+    by_id = {i: d for split in official.splits.values()
+             for i, d in zip(split.ids, split.image_digests or (), strict=True)}
+    assert len(by_id) == 10015 and len(set(by_id.values())) > 10000
+    lesion = load_ham10000(ham10000_root, split="lesion", seed=1)
+    lesion_ids = [i for split in lesion.splits.values() for i in split.ids]
+    assert sorted(lesion_ids) == sorted(by_id)  # the same images, split otherwise ...
+    for split in lesion.splits.values():  # ... each with its digest, so the feature cache can reuse its rows
+        assert split.image_digests is not None
+        assert [by_id[i] for i in split.ids] == list(split.image_digests)
+    first = official.splits["val"]
+    assert first.image_digests[0] == hashlib.sha256(Path(first.sources[0]).read_bytes()).hexdigest()
 
 
 def test_official_order_follows_split_file(official: ImageDataset, ham10000_root: Path) -> None:
@@ -204,6 +220,10 @@ def test_content_key_follows_bytes_not_timestamps(mini_ham: Path, tmp_path: Path
     after = load_ham10000(mini_ham).splits["train"]
     assert after.content_key != before.content_key
     assert after.fingerprint() != before.fingerprint()
+    # each image's own digest (what lets the feature cache reuse rows across splits) follows its bytes too
+    assert before.image_digests is not None and after.image_digests is not None
+    assert after.image_digests[0] == hashlib.sha256(bytes(data)).hexdigest() != before.image_digests[0]
+    assert after.image_digests[1:] == before.image_digests[1:]
 
 
 def test_missing_folder(tmp_path: Path) -> None:

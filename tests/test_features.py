@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from protohead.backbones import Backbone, EfficientNetLite0Backbone
-from protohead.data.base import ImageSplit, take
+from protohead.data.base import ImageSplit, file_digests, take
 from protohead.features import (
     LOCK_DIR,
     MANIFEST_FILE,
@@ -55,8 +55,9 @@ class TinyBackbone(Backbone):
         return tokens, tokens.mean(dim=1)
 
 
-def jpeg_split(n: int = 8, offset: int = 0) -> ImageSplit:
-    """``n`` real HAM10000 JPEGs (sorted names from ``offset``), labels 0..6 cycling."""
+def jpeg_split(n: int = 8, offset: int = 0, digests: bool = False) -> ImageSplit:
+    """``n`` real HAM10000 JPEGs (sorted names from ``offset``), labels 0..6 cycling; ``digests``: with each file's
+    sha256 (what the dataset loaders give), so the cache can reuse its rows in other splits."""
     images = HAM_ROOT / "images"
     assert images.is_dir(), f"HAM10000 images not found at {images} (set PROTOHEAD_HAM10000)"
     paths = sorted(images.glob("*.jpg"))[offset:offset + n]
@@ -67,7 +68,8 @@ def jpeg_split(n: int = 8, offset: int = 0) -> ImageSplit:
             return np.asarray(image.convert("RGB"))
 
     return ImageSplit(name="train", ids=tuple(p.stem for p in paths),
-                      labels=np.arange(n, dtype=np.int64) % 7, loader=load, content_key="test")
+                      labels=np.arange(n, dtype=np.int64) % 7, loader=load, content_key=f"test{offset}",
+                      image_digests=file_digests([str(p) for p in paths]) if digests else None)
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +238,87 @@ def test_argument_validation(split: ImageSplit, tmp_path: Path) -> None:
         extract_features(TinyBackbone(), split, tmp_path, on_corrupt="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="verify"):
         extract_features(TinyBackbone(), split, tmp_path, verify="none")  # type: ignore[arg-type]
+
+
+class CountingBackbone(TinyBackbone):
+    """TinyBackbone that also counts the images it encodes."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.images = 0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.images += x.shape[0]
+        return super().forward(x)
+
+
+def manifest_of(cache_dir: Path, backbone: Backbone, split: ImageSplit, view: str = "identity") -> dict:
+    return json.loads((cache_dir / feature_cache_key(backbone, split, view) / MANIFEST_FILE).read_text())
+
+
+def test_rows_reused_across_splits_of_the_same_images(tmp_path: Path) -> None:
+    first = jpeg_split(8, digests=True)
+    backbone = CountingBackbone()
+    cached = extract_features(backbone, first, tmp_path, batch_size=3, progress=False)
+    assert backbone.images == 8 and cached.image_digests == first.image_digests
+    # another split: five of those images in another order, with other labels, plus three new ones
+    both = jpeg_split(11, digests=True)
+    resplit = take(both, [9, 6, 0, 8, 2, 10, 4, 7])
+    resplit = ImageSplit("test", resplit.ids, resplit.labels[::-1].copy(), resplit.loader,
+                         content_key="other", image_digests=resplit.image_digests)
+    features = extract_features(backbone, resplit, tmp_path, batch_size=3, progress=False)
+    assert backbone.images == 8 + 3  # only the three images no entry held
+    manifest = manifest_of(tmp_path, backbone, resplit)
+    assert manifest["rows_reused"] == 5 and manifest["reused_from"] == [cached.key]
+    np.testing.assert_array_equal(features.labels, resplit.labels)  # labels are the split's, not the source's
+    reference = extract_features(CountingBackbone(), resplit, tmp_path / "fresh", batch_size=3, progress=False)
+    np.testing.assert_allclose(np.asarray(features.tokens, np.float32), np.asarray(reference.tokens, np.float32),
+                               atol=1e-2)
+    np.testing.assert_allclose(np.asarray(features.pooled, np.float32), np.asarray(reference.pooled, np.float32),
+                               atol=1e-2)
+    for row, source_row in ((2, 0), (4, 2), (6, 4), (7, 7)):  # reused rows are the cached rows, bit for bit
+        np.testing.assert_array_equal(features.tokens[row], cached.tokens[source_row])
+    again = extract_features(backbone, resplit, tmp_path, progress=False, on_corrupt="error")  # a plain hit
+    assert backbone.images == 11 and again.key == features.key
+
+
+def test_reuse_needs_same_backbone_and_view_and_a_healthy_source(tmp_path: Path) -> None:
+    split = jpeg_split(6, digests=True)
+    subset = take(split, [5, 1, 3])
+    backbone = CountingBackbone()
+    extract_features(backbone, split, tmp_path, progress=False)
+    other_weights = CountingBackbone(seed=1)
+    extract_features(other_weights, subset, tmp_path, progress=False)
+    assert other_weights.images == 3  # another backbone key: nothing to reuse
+    extract_features(backbone, subset, tmp_path, progress=False, view="hflip")
+    assert backbone.images == 6 + 3  # another view: nothing to reuse
+    with open(tmp_path / feature_cache_key(backbone, split) / TOKENS_FILE, "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x7b\x7b")  # the source no longer matches its checksum: passed over, rows computed
+    features = extract_features(backbone, take(split, [4, 0]), tmp_path, progress=False)
+    assert backbone.images == 6 + 3 + 2 and len(features) == 2
+    assert manifest_of(tmp_path, backbone, take(split, [4, 0]))["rows_reused"] == 0
+
+
+def test_entries_without_digests_get_them_on_their_next_hit(tmp_path: Path) -> None:
+    plain = jpeg_split(6)  # a loader that does not know its files' digests (or an entry written before them)
+    with_digests = jpeg_split(6, digests=True)
+    assert feature_cache_key(TinyBackbone(), plain) == feature_cache_key(TinyBackbone(), with_digests)
+    backbone = CountingBackbone()
+    extract_features(backbone, plain, tmp_path, progress=False)
+    assert "image_sha256" not in manifest_of(tmp_path, backbone, plain)
+    extract_features(backbone, take(with_digests, [2, 3]), tmp_path, progress=False)
+    assert backbone.images == 6 + 2  # the old entry lists no digests yet: nothing reused
+    hit = extract_features(backbone, with_digests, tmp_path, progress=False)
+    assert backbone.images == 8 and hit.image_digests is None
+    assert manifest_of(tmp_path, backbone, plain)["image_sha256"] == list(with_digests.image_digests)
+    reopened = extract_features(backbone, plain, tmp_path, progress=False, on_corrupt="error")  # still valid
+    assert reopened.image_digests == with_digests.image_digests
+    extract_features(backbone, take(with_digests, [5, 0, 1]), tmp_path, progress=False)
+    assert backbone.images == 8  # now every row is reused
+
+
+def test_split_digests_must_match_ids() -> None:
+    split = jpeg_split(3)
+    with pytest.raises(ValueError, match="2 image digests for 3 ids"):
+        ImageSplit("train", split.ids, split.labels, split.loader, image_digests=("a", "b"))

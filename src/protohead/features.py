@@ -16,6 +16,14 @@ image list, label or file content gives a different directory (a plain miss). Ex
 a temporary sibling directory that is ``os.replace``-d into place only when complete, so an
 interrupted run never leaves a half-written cache.
 
+Rows are reused across splits: a manifest lists the sha256 of every row's image file (``image_sha256``, when the
+loader knows it: :attr:`ImageSplit.image_digests`), and a miss first copies the rows of images that another entry of
+the same backbone key, view and format already holds (that entry verified as on a hit), then runs the backbone on the
+rest only. So a re-split of the same images (``split=lesion`` with another seed, a class-folder layout of the same
+files, a subset) costs a copy, not an extraction. A reused row is bit-for-bit the row computed before; a fresh
+extraction of the same image in another batch can differ in the last float16 digit. Entries written before the
+digests existed get them recorded on their next hit (their key proves which files they were computed from).
+
 Integrity on load: the manifest must parse and match its own checksum, and every array file must have
 exactly the expected byte size (catches truncation). ``verify="full"`` (default) additionally
 re-hashes every array file with sha256 (~0.6 s per GB when the file is in the page cache, plus disk
@@ -46,7 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 from protohead.backbones.base import Backbone
-from protohead.data.base import ImageSplit
+from protohead.data.base import ImageSplit, take
 from protohead.views import apply_view, check_view
 
 FORMAT_VERSION = 1
@@ -74,6 +82,7 @@ class FeatureSet:
         ids: image ids, same order as the rows.
         key: cache key (directory name under ``cache_dir``).
         path: the cache directory.
+        image_digests: sha256 of each row's image file when the manifest records them, else ``None``.
     """
 
     tokens: np.ndarray
@@ -82,6 +91,7 @@ class FeatureSet:
     ids: tuple[str, ...]
     key: str = ""
     path: Path | None = None
+    image_digests: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -192,6 +202,10 @@ def open_feature_cache(entry: Path, key: str | None = None, ids: Sequence[str] |
                                     f"for {n} rows")
         if ids is not None and cached_ids != tuple(ids):
             raise CorruptCacheError(f"{manifest_path}: image ids differ from the split")
+        digests = manifest.get("image_sha256")
+        if digests is not None and (not isinstance(digests, list) or len(digests) != n
+                                    or not all(isinstance(d, str) for d in digests)):
+            raise CorruptCacheError(f"{manifest_path}: image_sha256 is not a list of {n} digests")
         for name, shape in shapes.items():
             path = entry / name
             expected = int(np.prod(shape)) * 2
@@ -215,7 +229,101 @@ def open_feature_cache(entry: Path, key: str | None = None, ids: Sequence[str] |
     labels.flags.writeable = False
     return FeatureSet(tokens=_open_array(entry / TOKENS_FILE, shapes[TOKENS_FILE]),
                       pooled=_open_array(entry / POOLED_FILE, shapes[POOLED_FILE]),
-                      labels=labels, ids=cached_ids, key=str(manifest["key"]), path=entry)
+                      labels=labels, ids=cached_ids, key=str(manifest["key"]), path=entry,
+                      image_digests=None if digests is None else tuple(digests))
+
+
+def _read_manifest(entry: Path) -> dict[str, Any] | None:
+    """``entry``'s manifest as a dict, or ``None`` when it is missing, unreadable or fails its checksum."""
+    try:
+        manifest = json.loads((entry / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        return None
+    return manifest
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` (with its checksum) as ``directory``'s manifest, atomically (temporary file, fsync,
+    ``os.replace``): a reader sees the old manifest or the new one, never a mix."""
+    manifest = {**manifest, "manifest_sha256": _manifest_digest(manifest)}
+    tmp = directory / f".{MANIFEST_FILE}.{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(manifest, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, directory / MANIFEST_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class ReusedRows:
+    """Rows ``source_rows`` of the cached ``source`` are rows ``target_rows`` of the entry being written."""
+
+    source: FeatureSet
+    source_rows: np.ndarray
+    target_rows: np.ndarray
+
+
+def reusable_rows(cache_dir: Path, backbone: Backbone, split: ImageSplit, view: str = "identity",
+                  verify: Literal["full", "fast"] = "full", exclude: str = "") -> list[ReusedRows]:
+    """Rows of ``split`` that other entries of ``cache_dir`` already hold: same backbone key, view and format, and an
+    image file with the same sha256. Each source is verified as on a hit (``verify``); an entry that fails is passed
+    over (its rows are computed instead). ``exclude``: an entry key not to read (the one being written). ``[]`` when
+    the split does not know its images' digests."""
+    if split.image_digests is None:
+        return []
+    wanted: dict[str, list[int]] = {}
+    for row, digest in enumerate(split.image_digests):
+        wanted.setdefault(digest, []).append(row)
+    backbone_key = backbone.cache_key()
+    found: list[ReusedRows] = []
+    for entry in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []:
+        if not wanted:
+            break
+        if entry.name.startswith(".") or entry.name == exclude or not entry.is_dir():
+            continue
+        manifest = _read_manifest(entry)
+        if (manifest is None or manifest.get("format_version") != FORMAT_VERSION
+                or manifest.get("backbone_key") != backbone_key or manifest.get("view", "identity") != view
+                or not isinstance(manifest.get("tokens_shape"), list)
+                or manifest["tokens_shape"][1:] != [backbone.num_tokens, backbone.feature_dim]):
+            continue
+        hits = {digest: row for row, digest in enumerate(manifest.get("image_sha256") or []) if digest in wanted}
+        if not hits:
+            continue
+        try:
+            source = open_feature_cache(entry, key=entry.name, verify=verify)
+        except CorruptCacheError:
+            continue
+        if source.image_digests is None:
+            continue
+        pairs = [(row, target) for digest, row in hits.items()
+                 if source.image_digests[row] == digest for target in wanted.pop(digest)]
+        if pairs:
+            rows, targets = (np.asarray(column, dtype=np.int64) for column in zip(*sorted(pairs), strict=True))
+            found.append(ReusedRows(source, rows, targets))
+    return found
+
+
+def record_image_digests(entry: Path, features: FeatureSet, split: ImageSplit) -> None:
+    """Add ``split``'s image digests to the manifest of an entry written before manifests held them.
+
+    Only for the entry of ``split``'s own key (``features`` opened from it): the key covers the split's content key,
+    itself a hash over these digests, so they describe exactly the files the entry was computed from. Called under
+    the entry's lock; a cache folder that cannot be written (read-only) keeps its manifest as it is."""
+    if features.image_digests is not None or split.image_digests is None or features.ids != split.ids:
+        return
+    manifest = _read_manifest(entry)
+    if manifest is None or manifest.get("key") != features.key or "image_sha256" in manifest:
+        return
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    with contextlib.suppress(OSError):
+        _write_manifest(entry, {**body, "image_sha256": list(split.image_digests)})
 
 
 # ---------------------------------------------------------------------- extraction
@@ -255,24 +363,35 @@ def iter_preprocessed(backbone: Backbone, split: ImageSplit, batch_size: int,
 
 
 def _write_features(backbone: Backbone, split: ImageSplit, directory: Path, key: str, batch_size: int,
-                    progress: bool, num_workers: int, view: str = "identity") -> None:
+                    progress: bool, num_workers: int, view: str = "identity",
+                    reused: Sequence[ReusedRows] = ()) -> None:
+    """Write ``split``'s entry into ``directory``: the ``reused`` rows copied from their sources, the backbone run on
+    the other images only, then the manifest (file checksums of what was written)."""
     n, num_tokens, dim = len(split), backbone.num_tokens, backbone.feature_dim
     token_path, pooled_path = directory / TOKENS_FILE, directory / POOLED_FILE
-    token_hash, pooled_hash = hashlib.sha256(), hashlib.sha256()
+    to_compute = np.ones(n, dtype=bool)
     if n == 0:
         token_path.touch()
         pooled_path.touch()
     else:
         tokens_out = np.memmap(token_path, dtype=np.float16, mode="w+", shape=(n, num_tokens, dim))
         pooled_out = np.memmap(pooled_path, dtype=np.float16, mode="w+", shape=(n, dim))
+        for part in reused:
+            for start in range(0, len(part.source_rows), 256):
+                rows, targets = part.source_rows[start:start + 256], part.target_rows[start:start + 256]
+                tokens_out[targets] = part.source.tokens[rows]
+                pooled_out[targets] = part.source.pooled[rows]
+            to_compute[part.target_rows] = False
+        rows_to_compute = np.flatnonzero(to_compute)
+        images = take(split, rows_to_compute.tolist())
         device = backbone.device
         was_training = backbone.training
         backbone.eval()
         label = backbone.name if view == "identity" else f"{backbone.name} {view}"
-        bar = tqdm(total=n, unit="img", desc=f"features {label}", disable=not progress)
+        bar = tqdm(total=len(images), unit="img", desc=f"features {label}", disable=not progress)
         try:
             with torch.inference_mode():
-                for start, x in iter_preprocessed(backbone, split, batch_size, num_workers):
+                for start, x in iter_preprocessed(backbone, images, batch_size, num_workers):
                     tokens, pooled = backbone(apply_view(x.to(device, non_blocking=True), view))
                     b = x.shape[0]
                     if tuple(tokens.shape) != (b, num_tokens, dim) or tuple(pooled.shape) != (b, dim):
@@ -282,12 +401,11 @@ def _write_features(backbone: Backbone, split: ImageSplit, directory: Path, key:
                     tokens16 = np.ascontiguousarray(tokens.to(torch.float16).cpu().numpy())
                     pooled16 = np.ascontiguousarray(pooled.to(torch.float16).cpu().numpy())
                     if not (np.isfinite(tokens16).all() and np.isfinite(pooled16).all()):
-                        bad = split.ids[start:start + b]
+                        bad = images.ids[start:start + b]
                         raise ValueError(f"non-finite (or float16-overflowing) features for images {bad}")
-                    tokens_out[start:start + b] = tokens16
-                    pooled_out[start:start + b] = pooled16
-                    token_hash.update(tokens16.data)
-                    pooled_hash.update(pooled16.data)
+                    rows = rows_to_compute[start:start + b]
+                    tokens_out[rows] = tokens16
+                    pooled_out[rows] = pooled16
                     bar.update(b)
         finally:
             bar.close()
@@ -297,10 +415,10 @@ def _write_features(backbone: Backbone, split: ImageSplit, directory: Path, key:
         del tokens_out, pooled_out
 
     files = {}
-    for path, digest in ((token_path, token_hash), (pooled_path, pooled_hash)):
+    for path in (token_path, pooled_path):
         size = path.stat().st_size
-        files[path.name] = {"bytes": size, "sha256": digest.hexdigest(), "sampled_sha256": sampled_sha256(path, size)}
-    manifest: dict[str, object] = {
+        files[path.name] = {"bytes": size, "sha256": file_sha256(path), "sampled_sha256": sampled_sha256(path, size)}
+    manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "key": key,
         "backbone": backbone.name,
@@ -315,12 +433,12 @@ def _write_features(backbone: Backbone, split: ImageSplit, directory: Path, key:
         "ids": list(split.ids),
         "labels": np.asarray(split.labels, dtype=np.int64).tolist(),
         "files": files,
+        "rows_reused": int(n - to_compute.sum()),
+        "reused_from": sorted({part.source.key for part in reused}),
     }
-    manifest["manifest_sha256"] = _manifest_digest(manifest)
-    with open(directory / MANIFEST_FILE, "w") as handle:
-        json.dump(manifest, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    if split.image_digests is not None:
+        manifest["image_sha256"] = list(split.image_digests)
+    _write_manifest(directory, manifest)
 
 
 def _discard(path: Path) -> None:
@@ -365,20 +483,27 @@ def extract_features(backbone: Backbone, split: ImageSplit, cache_dir: str | Pat
     entry = cache_dir / key
     if entry.exists():  # the common case, without taking the lock
         with contextlib.suppress(CorruptCacheError):
-            return open_feature_cache(entry, key=key, ids=split.ids, verify=verify)
+            features = open_feature_cache(entry, key=key, ids=split.ids, verify=verify)
+            if features.image_digests is None and split.image_digests is not None and os.access(entry, os.W_OK):
+                with contextlib.suppress(OSError), entry_lock(cache_dir, key):
+                    record_image_digests(entry, features, split)
+            return features
     cache_dir.mkdir(parents=True, exist_ok=True)
     with entry_lock(cache_dir, key):  # one writer per entry; readers that lost the race find it below
         if entry.exists():
             try:
-                return open_feature_cache(entry, key=key, ids=split.ids, verify=verify)
+                features = open_feature_cache(entry, key=key, ids=split.ids, verify=verify)
+                record_image_digests(entry, features, split)
+                return features
             except CorruptCacheError as error:
                 if on_corrupt == "error":
                     raise
                 warnings.warn(f"{error}; rebuilding the feature cache", RuntimeWarning, stacklevel=2)
         remove_stale_temporaries(cache_dir, key)
+        reused = reusable_rows(cache_dir, backbone, split, view, verify, exclude=key)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=cache_dir))
         try:
-            _write_features(backbone, split, tmp, key, batch_size, progress, num_workers, view)
+            _write_features(backbone, split, tmp, key, batch_size, progress, num_workers, view, reused)
             _discard(entry)  # a corrupt entry
             os.replace(tmp, entry)
         except BaseException:

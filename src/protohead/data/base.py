@@ -30,6 +30,9 @@ class ImageSplit:
         sources: optional human-readable source per image (file path), for explanations and errors.
         content_key: a string that changes whenever the underlying files change (e.g. sizes + mtimes);
             part of the feature-cache key.
+        image_digests: optional sha256 hex of each image file's bytes (same order as ``ids``): lets the
+            feature cache reuse rows it already computed for the same image in another split
+            (:func:`protohead.features.extract_features`).
     """
 
     name: str
@@ -39,6 +42,11 @@ class ImageSplit:
     groups: tuple[str, ...] | None = None
     sources: tuple[str, ...] | None = None
     content_key: str = ""
+    image_digests: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_digests is not None and len(self.image_digests) != len(self.ids):
+            raise ValueError(f"split {self.name!r}: {len(self.image_digests)} image digests for {len(self.ids)} ids")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -103,6 +111,7 @@ def take(split: ImageSplit, indices: Sequence[int]) -> ImageSplit:
         groups=None if split.groups is None else tuple(split.groups[i] for i in indices),
         sources=None if split.sources is None else tuple(split.sources[i] for i in indices),
         content_key=split.content_key,
+        image_digests=None if split.image_digests is None else tuple(split.image_digests[i] for i in indices),
     )
 
 
@@ -220,28 +229,37 @@ class FileLoader:
         return read_rgb(self.paths[index], self.max_pixels)
 
 
-def files_content_key(paths: Sequence[str], names: Sequence[str] | None = None) -> str:
-    """sha256 over the sorted (name, sha256 of the bytes) of ``paths``.
-
-    Content, not size + mtime: a copied or re-materialised dataset folder (new mtimes, same bytes) keeps
-    its key and its feature cache, and any changed byte changes it. Hashing HAM10000's 10,015 JPEGs
-    takes about a second, against minutes to re-extract features. ``names`` (default: the paths) are
-    what enters the hash, so moving a dataset folder keeps the key. Raises ``ValueError`` listing the
-    first few files that do not exist.
-    """
-    names = list(paths) if names is None else list(names)
-    entries: list[tuple[str, str]] = []
+def file_digests(paths: Sequence[str]) -> tuple[str, ...]:
+    """sha256 hex of each file's bytes, in order. Raises ``ValueError`` listing the first few files that do
+    not exist."""
+    digests: list[str] = []
     missing: list[str] = []
-    for path, name in zip(paths, names, strict=True):
+    for path in paths:
         try:
             data = Path(path).read_bytes()
         except OSError:
             missing.append(str(path))
             continue
-        entries.append((str(name), hashlib.sha256(data).hexdigest()))
+        digests.append(hashlib.sha256(data).hexdigest())
     if missing:
         raise ValueError(f"{len(missing)} image file(s) missing, e.g. {', '.join(missing[:5])}")
+    return tuple(digests)
+
+
+def files_content_key(paths: Sequence[str], names: Sequence[str] | None = None,
+                      digests: Sequence[str] | None = None) -> str:
+    """sha256 over the sorted (name, sha256 of the bytes) of ``paths``.
+
+    Content, not size + mtime: a copied or re-materialised dataset folder (new mtimes, same bytes) keeps
+    its key and its feature cache, and any changed byte changes it. Hashing HAM10000's 10,015 JPEGs
+    takes about a second, against minutes to re-extract features. ``names`` (default: the paths) are
+    what enters the hash, so moving a dataset folder keeps the key; ``digests``: the files' digests when
+    already computed (:func:`file_digests`). Raises ``ValueError`` listing the first few files that do not
+    exist.
+    """
+    names = list(paths) if names is None else list(names)
+    digests = file_digests(paths) if digests is None else digests
     digest = hashlib.sha256()
-    for name, content in sorted(entries):
+    for name, content in sorted(zip((str(n) for n in names), digests, strict=True)):
         digest.update(f"{name}:{content};".encode())
     return digest.hexdigest()

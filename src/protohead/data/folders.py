@@ -22,6 +22,7 @@ from protohead.data.base import (
     ImageDataset,
     ImageSplit,
     check_max_pixels,
+    file_digests,
     files_content_key,
 )
 
@@ -45,13 +46,15 @@ def _make_split(name: str, root: Path, files: list[tuple[Path, int]], max_image_
     """An :class:`ImageSplit` over ``files`` = [(path, label)], ids = path relative to ``root``."""
     paths = tuple(str(p) for p, _ in files)
     ids = tuple(p.relative_to(root).as_posix() for p, _ in files)
+    digests = file_digests(paths)
     return ImageSplit(
         name=name,
         ids=ids,
         labels=np.array([label for _, label in files], dtype=np.int64),
         loader=FileLoader(paths, max_image_pixels),
         sources=paths,
-        content_key=files_content_key(paths, ids),
+        content_key=files_content_key(paths, ids, digests),
+        image_digests=digests,
     )
 
 

@@ -23,6 +23,7 @@ from protohead.data.base import (
     ImageDataset,
     ImageSplit,
     check_max_pixels,
+    file_digests,
     files_content_key,
     read_utf8_text,
 )
@@ -190,7 +191,8 @@ def load_ham10000(root: str | os.PathLike[str], split: str = "official", seed: i
 
     Returns:
         Dataset with ``class_names == DERMAMNIST_CLASSES``; per split ids = image_id, labels (n,) int64,
-        groups = lesion_id, sources = file paths, content_key = sha256 of (name, size, mtime_ns).
+        groups = lesion_id, sources = file paths, image_digests = each file's sha256,
+        content_key = sha256 of the (name, file sha256) pairs.
         ``load(i)`` gives (H, W, 3) uint8 RGB (150, 200, 3 for the shared copy).
 
     Raises:
@@ -234,6 +236,7 @@ def load_ham10000(root: str | os.PathLike[str], split: str = "official", seed: i
         if not ids:
             raise ValueError(f"HAM10000 ({split} split) at {root}: split {name!r} is empty")
         paths = tuple(index[i] for i in ids)
+        digests = file_digests(paths)
         splits[name] = ImageSplit(
             name=name,
             ids=ids,
@@ -241,7 +244,8 @@ def load_ham10000(root: str | os.PathLike[str], split: str = "official", seed: i
             loader=FileLoader(paths, max_image_pixels),
             groups=tuple(meta[i][0] for i in ids),
             sources=paths,
-            content_key=files_content_key(paths, [os.path.basename(p) for p in paths]),
+            content_key=files_content_key(paths, [os.path.basename(p) for p in paths], digests),
+            image_digests=digests,
         )
     name = "ham10000" if split == "official" else f"ham10000-lesion-seed{seed}"
     dataset = ImageDataset(name, DERMAMNIST_CLASSES, splits)
