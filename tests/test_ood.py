@@ -127,7 +127,7 @@ def test_image_files_are_found_recursively(tmp_path):
         image_files(tmp_path / "nope")
 
 
-def test_evaluate_ood_end_to_end(tmp_path, capsys):
+def test_evaluate_ood_end_to_end(tmp_path, capsys, monkeypatch):
     data = split_layout(tmp_path / "data", {"train": FULL, "val": FULL, "test": FULL})
     run = tmp_path / "run"
     assert cli(["train", "--data", str(data), "--out", str(run), f"cache_dir={tmp_path / 'cache'}", *TINY]) == 0
@@ -154,6 +154,26 @@ def test_evaluate_ood_end_to_end(tmp_path, capsys):
     assert (out / "ood_histogram.png").stat().st_size > 0 and (out / "ood_roc.png").stat().st_size > 0
     assert len((out / "ood_scores.csv").read_text().splitlines()) == 1 + 4 + 4
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    # a run from before heads fitted their density: run_scoring(fit_density=True) fits it in memory, as training did
+    from protohead import runfolder
+    from protohead.ood import run_scoring
+
+    _, _, stored = run_scoring(run)
+    real_load = runfolder.load_model
+
+    def load_unfitted(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        loaded.model.feature_density.means = loaded.model.feature_density.whitening = None
+        return loaded
+
+    monkeypatch.setattr(runfolder, "load_model", load_unfitted)
+    _, _, unfitted = run_scoring(run)
+    assert unfitted.feature_distances is None and "mahalanobis" not in unfitted.methods
+    predictor, _, refitted = run_scoring(run, fit_density=True)
+    assert predictor.head.feature_density.fitted and refitted.default_method == "mahalanobis"
+    np.testing.assert_allclose(refitted.feature_distances, stored.feature_distances, rtol=1e-4)
+    monkeypatch.undo()
 
     # a given threshold and method, another output folder
     assert cli(["evaluate", str(run), "--ood", str(ood), "--out", str(tmp_path / "o2"),
