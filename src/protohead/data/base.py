@@ -246,19 +246,14 @@ def file_digests(paths: Sequence[str]) -> tuple[str, ...]:
     return tuple(digests)
 
 
-def files_content_key(paths: Sequence[str], names: Sequence[str] | None = None,
-                      digests: Sequence[str] | None = None) -> str:
-    """sha256 over the sorted (name, sha256 of the bytes) of ``paths``.
+def files_content_key(names: Sequence[str], digests: Sequence[str]) -> str:
+    """sha256 over the sorted (name, file sha256) pairs of a split's images (``digests`` from :func:`file_digests`).
 
     Content, not size + mtime: a copied or re-materialised dataset folder (new mtimes, same bytes) keeps
     its key and its feature cache, and any changed byte changes it. Hashing HAM10000's 10,015 JPEGs
-    takes about a second, against minutes to re-extract features. ``names`` (default: the paths) are
-    what enters the hash, so moving a dataset folder keeps the key; ``digests``: the files' digests when
-    already computed (:func:`file_digests`). Raises ``ValueError`` listing the first few files that do not
-    exist.
+    takes about a second, against minutes to re-extract features. ``names`` (not paths) are what enters
+    the hash, so moving a dataset folder keeps the key.
     """
-    names = list(paths) if names is None else list(names)
-    digests = file_digests(paths) if digests is None else digests
     digest = hashlib.sha256()
     for name, content in sorted(zip((str(n) for n in names), digests, strict=True)):
         digest.update(f"{name}:{content};".encode())

@@ -53,7 +53,7 @@ def _make_split(name: str, root: Path, files: list[tuple[Path, int]], max_image_
         labels=np.array([label for _, label in files], dtype=np.int64),
         loader=FileLoader(paths, max_image_pixels),
         sources=paths,
-        content_key=files_content_key(paths, ids, digests),
+        content_key=files_content_key(ids, digests),
         image_digests=digests,
     )
 

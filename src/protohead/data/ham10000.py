@@ -244,7 +244,7 @@ def load_ham10000(root: str | os.PathLike[str], split: str = "official", seed: i
             loader=FileLoader(paths, max_image_pixels),
             groups=tuple(meta[i][0] for i in ids),
             sources=paths,
-            content_key=files_content_key(paths, [os.path.basename(p) for p in paths], digests),
+            content_key=files_content_key([os.path.basename(p) for p in paths], digests),
             image_digests=digests,
         )
     name = "ham10000" if split == "official" else f"ham10000-lesion-seed{seed}"
