@@ -163,6 +163,20 @@ def _open_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return np.memmap(path, dtype=np.float16, mode="r", shape=shape)
 
 
+def _load_manifest(entry: Path) -> dict[str, Any]:
+    """``entry``'s manifest, parsed and checked against its own checksum; ``CorruptCacheError`` otherwise."""
+    manifest_path = entry / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        raise CorruptCacheError(f"feature cache manifest {manifest_path} is unreadable: {error}") from error
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise CorruptCacheError(f"feature cache manifest {manifest_path} fails its checksum")
+    return manifest
+
+
 def open_feature_cache(entry: Path, key: str | None = None, ids: Sequence[str] | None = None,
                        verify: Literal["full", "fast"] = "full") -> FeatureSet:
     """Open and verify one cache directory.
@@ -177,15 +191,13 @@ def open_feature_cache(entry: Path, key: str | None = None, ids: Sequence[str] |
         CorruptCacheError: (a ``ValueError``) naming the file that is missing, truncated or mismatched.
     """
     entry = Path(entry)
+    return _open_entry(entry, _load_manifest(entry), key, ids, verify)
+
+
+def _open_entry(entry: Path, manifest: dict[str, Any], key: str | None, ids: Sequence[str] | None,
+                verify: Literal["full", "fast"]) -> FeatureSet:
+    """:func:`open_feature_cache` on a manifest already loaded (:func:`_load_manifest`)."""
     manifest_path = entry / MANIFEST_FILE
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        if not isinstance(manifest, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as error:
-        raise CorruptCacheError(f"feature cache manifest {manifest_path} is unreadable: {error}") from error
-    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
-        raise CorruptCacheError(f"feature cache manifest {manifest_path} fails its checksum")
     try:
         if manifest["format_version"] != FORMAT_VERSION:
             raise CorruptCacheError(f"{manifest_path}: format version {manifest['format_version']}, "
@@ -233,17 +245,6 @@ def open_feature_cache(entry: Path, key: str | None = None, ids: Sequence[str] |
                       image_digests=None if digests is None else tuple(digests))
 
 
-def _read_manifest(entry: Path) -> dict[str, Any] | None:
-    """``entry``'s manifest as a dict, or ``None`` when it is missing, unreadable or fails its checksum."""
-    try:
-        manifest = json.loads((entry / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != _manifest_digest(manifest):
-        return None
-    return manifest
-
-
 def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest`` (with its checksum) as ``directory``'s manifest, atomically (temporary file, fsync,
     ``os.replace``): a reader sees the old manifest or the new one, never a mix."""
@@ -287,26 +288,23 @@ def reusable_rows(cache_dir: Path, backbone: Backbone, split: ImageSplit, view: 
             break
         if entry.name.startswith(".") or entry.name == exclude or not entry.is_dir():
             continue
-        manifest = _read_manifest(entry)
-        if (manifest is None or manifest.get("format_version") != FORMAT_VERSION
-                or manifest.get("backbone_key") != backbone_key or manifest.get("view", "identity") != view
-                or not isinstance(manifest.get("tokens_shape"), list)
-                or manifest["tokens_shape"][1:] != [backbone.num_tokens, backbone.feature_dim]):
-            continue
-        hits = {digest: row for row, digest in enumerate(manifest.get("image_sha256") or []) if digest in wanted}
-        if not hits:
-            continue
         try:
-            source = open_feature_cache(entry, key=entry.name, verify=verify)
+            manifest = _load_manifest(entry)
+            if (manifest.get("format_version") != FORMAT_VERSION or manifest.get("backbone_key") != backbone_key
+                    or manifest.get("view", "identity") != view
+                    or not isinstance(manifest.get("tokens_shape"), list)
+                    or manifest["tokens_shape"][1:] != [backbone.num_tokens, backbone.feature_dim]):
+                continue
+            # the cheap test first: only an entry holding some of the images has its arrays verified
+            if not any(digest in wanted for digest in manifest.get("image_sha256") or ()):
+                continue
+            source = _open_entry(entry, manifest, entry.name, None, verify)
         except CorruptCacheError:
             continue
-        if source.image_digests is None:
-            continue
-        pairs = [(row, target) for digest, row in hits.items()
-                 if source.image_digests[row] == digest for target in wanted.pop(digest)]
-        if pairs:
-            rows, targets = (np.asarray(column, dtype=np.int64) for column in zip(*sorted(pairs), strict=True))
-            found.append(ReusedRows(source, rows, targets))
+        hits = {digest: row for row, digest in enumerate(source.image_digests or ()) if digest in wanted}
+        rows, targets = (np.asarray(column, dtype=np.int64) for column in zip(*sorted(
+            (row, target) for digest, row in hits.items() for target in wanted.pop(digest)), strict=True))
+        found.append(ReusedRows(source, rows, targets))
     return found
 
 
@@ -318,8 +316,11 @@ def record_image_digests(entry: Path, features: FeatureSet, split: ImageSplit) -
     the entry's lock; a cache folder that cannot be written (read-only) keeps its manifest as it is."""
     if features.image_digests is not None or split.image_digests is None or features.ids != split.ids:
         return
-    manifest = _read_manifest(entry)
-    if manifest is None or manifest.get("key") != features.key or "image_sha256" in manifest:
+    try:
+        manifest = _load_manifest(entry)
+    except CorruptCacheError:
+        return
+    if manifest.get("key") != features.key or "image_sha256" in manifest:
         return
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     with contextlib.suppress(OSError):
