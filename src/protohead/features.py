@@ -245,6 +245,13 @@ def _open_entry(entry: Path, manifest: dict[str, Any], key: str | None, ids: Seq
                       image_digests=None if digests is None else tuple(digests))
 
 
+def touch_entry(entry: Path) -> None:
+    """Mark ``entry`` as used now: its manifest's modification time, what :mod:`protohead.cache` removes the least
+    recently used entries by. A cache that cannot be written is left as it is."""
+    with contextlib.suppress(OSError):
+        os.utime(entry / MANIFEST_FILE)
+
+
 def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest`` (with its checksum) as ``directory``'s manifest, atomically (temporary file, fsync,
     ``os.replace``): a reader sees the old manifest or the new one, never a mix."""
@@ -301,6 +308,7 @@ def reusable_rows(cache_dir: Path, backbone: Backbone, split: ImageSplit, view: 
             source = _open_entry(entry, manifest, entry.name, None, verify)
         except CorruptCacheError:
             continue
+        touch_entry(entry)
         hits = {digest: row for row, digest in enumerate(source.image_digests or ()) if digest in wanted}
         rows, targets = (np.asarray(column, dtype=np.int64) for column in zip(*sorted(
             (row, target) for digest, row in hits.items() for target in wanted.pop(digest)), strict=True))
@@ -488,6 +496,7 @@ def extract_features(backbone: Backbone, split: ImageSplit, cache_dir: str | Pat
             if features.image_digests is None and split.image_digests is not None and os.access(entry, os.W_OK):
                 with contextlib.suppress(OSError), entry_lock(cache_dir, key):
                     record_image_digests(entry, features, split)
+            touch_entry(entry)
             return features
     cache_dir.mkdir(parents=True, exist_ok=True)
     with entry_lock(cache_dir, key):  # one writer per entry; readers that lost the race find it below
@@ -495,6 +504,7 @@ def extract_features(backbone: Backbone, split: ImageSplit, cache_dir: str | Pat
             try:
                 features = open_feature_cache(entry, key=key, ids=split.ids, verify=verify)
                 record_image_digests(entry, features, split)
+                touch_entry(entry)
                 return features
             except CorruptCacheError as error:
                 if on_corrupt == "error":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from protohead.cli import compare, evaluate, explain, export, extract, predict, run, train
+from protohead.cli import cache, compare, evaluate, explain, export, extract, predict, run, train
 
-VERBS = (run, train, evaluate, predict, export, extract, compare, explain)
+VERBS = (run, train, evaluate, predict, export, extract, cache, compare, explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
