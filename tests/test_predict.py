@@ -17,7 +17,7 @@ from test_pipeline import config as ham_config
 from protohead import runfolder
 from protohead.cli.main import main as cli
 from protohead.head import HeadOptimal
-from protohead.pipeline import load_data, run
+from protohead.pipeline import evaluate_run, load_data, run
 from protohead.predict import load_run, read_image
 from protohead.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 
@@ -178,3 +178,23 @@ def test_predict_flags_what_is_not_like_the_training_images(ham_run):
     lesions = predictor.predict(list(load_data(cfg).splits["test"].sources[:20]))
     assert all(isinstance(p.ood_score, float) for p in lesions)
     assert sum(flagged) >= 3 and sum(p.ood for p in lesions) <= 5, (flagged, [p.ood_score for p in lesions])
+
+
+def test_referral_is_set_on_validation_and_predict_applies_it(ham_run, tmp_path):
+    """The run refers the images more uncertain than 90 % of validation and those unlike its training images; the
+    rule holds on validation, and predict refers exactly the test images metrics.json counts."""
+    out, cfg = ham_run
+    predictor = load_run(out)
+    selection = predictor.loaded.selection
+    assert selection["refer_coverage"] == 0.9 and np.isfinite(selection["uncertainty_threshold"])
+    on_val = evaluate_run(out, split="val", out_dir=tmp_path / "val")["referral"]
+    assert 0 < on_val["referred_uncertain"] <= 0.1  # 84 validation images: 8 above the threshold
+    metrics = json.loads((out / "metrics.json").read_text())["referral"]
+    test = predictor.predict(list(load_data(cfg).splits["test"].sources))
+    assert np.mean([p.refer for p in test]) == pytest.approx(metrics["referred"])
+    assert np.mean(["uncertain" in p.refer_reasons for p in test]) == pytest.approx(metrics["referred_uncertain"])
+    assert all(("uncertain" in p.refer_reasons) == (p.uncertainty > selection["uncertainty_threshold"])
+               and ("unlike_training" in p.refer_reasons) == p.ood and p.refer == bool(p.refer_reasons)
+               for p in test)
+    noise = predictor.predict([np.random.default_rng(1).integers(0, 256, (150, 200, 3), dtype=np.uint8)])
+    assert noise[0].refer and "unlike_training" in noise[0].refer_reasons

@@ -30,6 +30,7 @@ from protohead.device import model_device
 from protohead.head import HeadOptimal
 from protohead.model import EndToEnd, build_model, head_of, model_signature, uncertainty_rule
 from protohead.posthoc import final_outputs
+from protohead.referral import referral_metrics
 from protohead.runconfig import RunConfig
 from protohead.training.checkpoint import load_checkpoint, save_checkpoint
 from protohead.training.loop import SplitInputs, Trainer, batches_of, predict, write_json
@@ -238,6 +239,9 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str, out_dir: Pa
     metrics = compute_metrics(probs, labels, uncertainty, data.class_names)
     metrics.update(split=split, posthoc_tau=tau, calibration_temperature=temperature,
                    ece_uncalibrated=expected_calibration_error(uncalibrated, labels))
+    if "uncertainty_threshold" in selection:  # runs from before referral have none
+        metrics["referral"] = referral_metrics(probs.argmax(1), labels, uncertainty, prediction["ood_score"],
+                                               selection, data.class_names)
     correct = probs.argmax(1) == labels
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), data.class_names, out_dir / "confusion_matrix.png")
     plot_reliability_before_after(uncalibrated, probs, labels, out_dir / "reliability.png",
@@ -355,8 +359,11 @@ def calibrate(config: RunConfig, model: nn.Module, data: PreparedData, best: dic
     For an abstention head it also compares, on validation, the AURC of the abstention probability with that of
     the max-probability score and keeps the better as the run's ``uncertainty_source``.
 
-    Returns ``{"calibration_temperature", "ood_method", "ood_threshold", "ood_acceptance"}`` (+ the uncertainty
-    choice and its validation AURCs) for the selection record.
+    The referral threshold (:mod:`protohead.referral`) is the run's uncertainty that ``refer_coverage`` of the
+    validation images stay under.
+
+    Returns ``{"calibration_temperature", "ood_method", "ood_threshold", "ood_acceptance", "refer_coverage",
+    "uncertainty_threshold"}`` (+ the uncertainty choice and its validation AURCs) for the selection record.
     """
     from protohead.evaluation import aurc, fit_temperature
     from protohead.ood import ACCEPTANCE, choose_threshold
@@ -378,6 +385,9 @@ def calibrate(config: RunConfig, model: nn.Module, data: PreparedData, best: dic
                                                                                                     max_probability)
         better = record["val_aurc_abstention"] <= record["val_aurc_max_probability"]
         record["uncertainty_source"] = "abstention" if better else "max_probability"
+        given = given if better else max_probability
+    record["refer_coverage"] = config.refer_coverage  # (protohead.referral)
+    record["uncertainty_threshold"] = choose_threshold(given, config.refer_coverage)
     return record
 
 
@@ -439,6 +449,14 @@ def write_report(run_dir: Path, config: RunConfig, metrics: dict[str, Any], resu
                 "accuracy_at_80_coverage", "accuracy_at_90_coverage"):
         value = metrics.get(key)
         lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    referral = metrics.get("referral")
+    if referral is not None:
+        decided = referral["decided_accuracy"]
+        lines += ["", f"Referral (thresholds chosen on validation, {referral['refer_coverage']:.0%} coverage target): "
+                  f"{referral['referred']:.1%} of test images referred ({referral['referred_uncertain']:.1%} "
+                  f"uncertain, {referral['referred_unlike_training']:.1%} unlike the training images); accuracy on "
+                  f"the rest " + ("n/a" if decided is None else f"{decided:.4f}") +
+                  f" against {referral['all_accuracy']:.4f} on all."]
     lines += ["", "Per-class recall: " + ", ".join(
         f"{name} {recall[name]:.3f}" if recall.get(name) is not None else f"{name} n/a" for name in class_names),
         "", f"Time: prepare {timing['prepare_s']:.0f} s, train {timing['train_s']:.0f} s, "

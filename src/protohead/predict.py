@@ -20,6 +20,7 @@ import torch
 from protohead import runfolder
 from protohead.model import EndToEnd, head_of, uncertainty_rule
 from protohead.posthoc import final_outputs
+from protohead.referral import referral_reasons
 from protohead.views import apply_view, average_view_outputs, view_names
 
 ImageInput = str | os.PathLike | np.ndarray | Any  # a path, an (H, W, 3) uint8 array, or a PIL image
@@ -65,6 +66,10 @@ class Prediction:
             (:mod:`protohead.density`), or the logit energy −logsumexp(logits) for runs without one.
         ood: whether ``ood_score`` is above the run's threshold (chosen so that 95 % of validation images stay
             below it): the image does not look like the training lesions. None for runs without a threshold.
+        refer: whether the run hands this image to a person (:mod:`protohead.referral`): its uncertainty is above
+            the threshold ``refer_coverage`` of the validation images stay under, or it is ``ood``. None for runs
+            trained before referral existed.
+        refer_reasons: ``"uncertain"`` and/or ``"unlike_training"`` (empty when the run decides).
         prototypes: the most similar prototypes with their evidence (prototype heads; empty for baselines).
     """
 
@@ -77,6 +82,8 @@ class Prediction:
     abstain: bool | None
     ood_score: float | None = None
     ood: bool | None = None
+    refer: bool | None = None
+    refer_reasons: list[str] = field(default_factory=list)
     prototypes: list[PrototypeEvidence] = field(default_factory=list)
 
     def to_dict(self, evidence: bool = False) -> dict[str, Any]:
@@ -205,13 +212,15 @@ class RunPredictor:
             evidence = self._evidence(out, i, top) if "similarities" in out else []
             ood_score = float(out["ood_score"][i])
             threshold = self.loaded.selection.get("ood_threshold")
+            reasons = referral_reasons(uncertainty, ood_score, self.loaded.selection)
             predictions.append(Prediction(
                 source=source, predicted=names[index], class_index=index,
                 probabilities={name: float(p) for name, p in zip(names, probs, strict=True)},
                 uncertainty=uncertainty,
                 uncertainty_source="abstention" if self.uses_abstention else "max_probability",
                 abstain=(uncertainty >= 0.5) if self.uses_abstention else None, ood_score=ood_score,
-                ood=None if threshold is None else ood_score > threshold, prototypes=evidence))
+                ood=None if threshold is None else ood_score > threshold,
+                refer=None if reasons is None else bool(reasons), refer_reasons=reasons or [], prototypes=evidence))
         return predictions
 
     def _evidence(self, out: dict[str, np.ndarray], i: int, top: int) -> list[PrototypeEvidence]:

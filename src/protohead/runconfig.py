@@ -65,6 +65,8 @@ class RunConfig:
     posthoc_tau: float | Literal["auto"] = "auto"  # post-hoc logit adjustment at prediction; "auto": chosen on val
     posthoc_accuracy_tolerance: float = 0.01  # "auto": val accuracy one may give up for val balanced accuracy
     calibrate: bool = True  # temperature scaling fitted on validation after the post-hoc shift
+    refer_coverage: float = 0.9  # share of validation images under the run's uncertainty threshold: more uncertain
+    # images (and those unlike the training images) are referred (protohead.referral)
     eval_batch_size: int = 256
     progress: bool = True
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # refuse images whose header claims more (width × height)
@@ -166,6 +168,8 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": (lambda v: v >= 1, "epochs and batch_size must be ≥ 1"),
     "batch_size": (lambda v: v >= 1, "epochs and batch_size must be ≥ 1"),
     "eval_batch_size": (lambda v: v >= 1, "eval_batch_size must be ≥ 1"),
+    "refer_coverage": (lambda v: 0 < v <= 1, "refer_coverage must be in (0, 1] (1: refer only what is unlike "
+                                             "the training images)"),
     "views": (lambda v: 1 <= v <= 8, "views must be between 1 and 8 (the symmetries of the square)"),
     "image_size": (lambda v: v >= 32, "image_size must be ≥ 32"),
     "finetune_image_size": (lambda v: v >= 32, "finetune_image_size must be ≥ 32"),

@@ -58,7 +58,8 @@ def main(args: argparse.Namespace) -> int:
         else:
             top = result.prototypes[0] if result.prototypes else None
             cited = f"{top.class_name}/{top.slot} ({top.similarity:.3f}, from {top.source_id})" if top else "-"
-            flag = (" ABSTAIN" if result.abstain else "") + (" OUT-OF-DISTRIBUTION" if result.ood else "")
+            flag = ((" ABSTAIN" if result.abstain else "") + (" OUT-OF-DISTRIBUTION" if result.ood else "")
+                    + (f" REFER ({', '.join(result.refer_reasons)})" if result.refer else ""))
             print(f"{str(path)[-40:]:40s} {result.predicted:>10s} {result.probabilities[result.predicted]:6.3f} "
                   f"{result.uncertainty:8.3f}{flag}  {cited}")
         if args.explain is not None:
