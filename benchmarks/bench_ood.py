@@ -19,7 +19,8 @@ Near-OOD (an unseen lesion class), :func:`near_ood`::
 
     .venv/bin/python benchmarks/bench_ood.py near-ood df /tmp/near-ood-df [key=value ...]
 
-trains a run on HAM10000 *without* one class and scores that class's test images as OOD. The data loaders
+trains a run on HAM10000 *without* one class and scores that class's test images as OOD, and prints how many of
+the held-out images and of the other test images the run refers (:mod:`protohead.referral`). The data loaders
 cannot drop a class (HAM10000's class list is fixed and every class must have training images), so
 :func:`holdout_layout` builds a class-folder dataset of symlinks to the original JPEGs (absolute paths, no
 copies) without the class, plus a folder of the held-out images. The features of that layout are not those in
@@ -344,7 +345,8 @@ def main() -> None:
         result = near_ood(args.holdout, args.work, [*args.overrides, *extra], args.ham, args.preset, args.ood_limit)
         table = {m: {k: round(v, 4) for k, v in r.items() if k in ("auroc", "fpr95", "detection_rate")}
                  for m, r in result["methods"].items()}
-        print(json.dumps({"holdout": args.holdout, "counts": result["counts"], "methods": table}, indent=2))
+        print(json.dumps({"holdout": args.holdout, "counts": result["counts"], "methods": table,
+                          "referral": result["referral"]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from protohead.ood import (
     ood_metrics,
     ood_scores,
 )
+from protohead.predict import load_run
 
 NEG = -math.inf
 
@@ -154,6 +155,16 @@ def test_evaluate_ood_end_to_end(tmp_path, capsys, monkeypatch):
     assert (out / "ood_histogram.png").stat().st_size > 0 and (out / "ood_roc.png").stat().st_size > 0
     assert len((out / "ood_scores.csv").read_text().splitlines()) == 1 + 4 + 4
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    # referral under the run's own thresholds: its OOD part is the headline flag, the uncertain part what predict says
+    referral = printed["referral"]
+    assert referral == result["referral"] and set(referral) == {"test", "ood"}
+    assert referral["ood"]["referred_unlike_training"] == pytest.approx(result["detection_rate"])
+    assert referral["test"]["referred_unlike_training"] == pytest.approx(1 - result["in_acceptance"])
+    noise = sorted((ood / "noise").iterdir())
+    predictions = load_run(run).predict(noise)
+    assert referral["ood"]["referred"] == pytest.approx(np.mean([p.refer for p in predictions]))
+    assert referral["ood"]["referred_uncertain"] == pytest.approx(np.mean(["uncertain" in p.refer_reasons
+                                                                             for p in predictions]))
 
     # a run from before heads fitted their density: run_scoring(fit_density=True) fits it in memory, as training did
     from protohead import runfolder

@@ -243,6 +243,8 @@ class HeadOutputs:
         sources: n names (file paths or image ids), for the per-image CSV.
         feature_distances: (n,) the head's feature distance (:mod:`protohead.density`); None for a run that
             has not fitted it (runs from before it existed).
+        uncertainty: (n,) the uncertainty the run reports (:func:`protohead.posthoc.final_outputs`: the abstention
+            probability or 1 − the real-prior probability of the predicted class); None when not computed.
     """
 
     logits: np.ndarray
@@ -250,6 +252,7 @@ class HeadOutputs:
     similarities: np.ndarray | None
     sources: list[str]
     feature_distances: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -293,26 +296,29 @@ def head_outputs(predictor: Any, batches: Iterable[tuple[Any, Any]], sources: Se
     """
     import torch
 
-    from protohead.posthoc import adjust_probabilities
+    from protohead.model import uncertainty_rule
+    from protohead.posthoc import final_outputs
 
-    logits, probs, sims, distances = [], [], [], []
-    model = predictor.loaded.model
+    logits, probs, sims, distances, uncertainty = [], [], [], [], []
+    loaded = predictor.loaded
     with torch.no_grad():
         for tokens, pooled in batches:
-            batch_logits, _, info = model(tokens, pooled)
+            batch_logits, _, info = loaded.model(tokens, pooled)
             logits.append(batch_logits.double().numpy())
             probs.append(info["probabilities"].double().numpy())
+            uncertainty.append(info["uncertainty"].double().numpy())
             if info.get("similarities") is not None:
                 sims.append(info["similarities"].double().numpy())
             if info.get("feature_distance") is not None:
                 distances.append(info["feature_distance"].double().numpy())
     if not logits:
         raise ValueError(NO_IMAGES)
-    probabilities = adjust_probabilities(np.concatenate(probs), predictor.loaded.class_counts,
-                                         predictor.loaded.posthoc_tau)
+    probabilities, run_uncertainty = final_outputs(np.concatenate(probs), np.concatenate(uncertainty),
+                                                   loaded.class_counts, loaded.posthoc_tau,
+                                                   *uncertainty_rule(loaded.model, loaded.selection))
     similarities = np.concatenate(sims) if sims else None
     out = HeadOutputs(np.concatenate(logits), probabilities, similarities, list(sources),
-                      np.concatenate(distances) if distances else None)
+                      np.concatenate(distances) if distances else None, run_uncertainty)
     if len(out.sources) != len(out.logits):
         raise ValueError(f"{len(out.sources)} sources for {len(out.logits)} scored images")
     return out
@@ -434,6 +440,26 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.Pa
 
 
 # ----------------------------------------------------------------------------------------- run level
+def referral_of_sets(selection: dict[str, Any], sets: dict[str, HeadOutputs]) -> dict[str, dict[str, float]] | None:
+    """Share of each set's images the run refers (:mod:`protohead.referral`: its stored uncertainty and OOD
+    thresholds), and why: set name → ``referred``, ``referred_uncertain``, ``referred_unlike_training``, ``n``.
+    ``None`` for a run without a referral rule (trained before it existed)."""
+    from protohead.referral import refer_mask
+
+    if selection.get("uncertainty_threshold") is None:
+        return None
+    method = selection.get("ood_method") or DEFAULT_METHOD
+    result = {}
+    for name, outputs in sets.items():
+        if outputs.uncertainty is None:
+            raise ValueError(f"the outputs of {name!r} carry no uncertainty")
+        ood_score = outputs.scores(method) if method in outputs.methods else None
+        uncertain, unlike = refer_mask(outputs.uncertainty, ood_score, selection)
+        result[name] = {"n": len(uncertain), "referred": float((uncertain | unlike).mean()),
+                        "referred_uncertain": float(uncertain.mean()), "referred_unlike_training": float(unlike.mean())}
+    return result
+
+
 def run_scoring(run_dir: str | os.PathLike[str], split: str = "test", data_path: str | os.PathLike[str] | None = None,
                 fit_density: bool = False) -> tuple[Any, HeadOutputs, HeadOutputs]:
     """Load a run and score its validation and ``split`` images: (predictor, val outputs, split outputs).
@@ -554,6 +580,7 @@ def evaluate_ood(run_dir: str | os.PathLike[str], ood_dir: str | os.PathLike[str
         "counts": {"in_distribution": len(ins.sources), "validation": len(val.sources),
                    "ood": len(outs.sources), "unreadable": len(unreadable)},
         "methods": per_method,
+        "referral": referral_of_sets(predictor.loaded.selection, {split: ins, "ood": outs}),
         "unreadable": [{"path": p, "error": e} for p, e in unreadable],
         "out_dir": str(out),
     }

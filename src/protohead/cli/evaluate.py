@@ -63,6 +63,7 @@ def main_ood(args: argparse.Namespace) -> int:
         print(f"protohead evaluate: warning: skipped unreadable image {item['path']}: {item['error']}",
               file=sys.stderr)
     keys = ("method", "auroc", "fpr95", "threshold", "detection_rate", "in_acceptance")
-    summary = {k: result[k] for k in keys} | {"counts": result["counts"], "out_dir": result["out_dir"]}
+    summary = {k: result[k] for k in keys} | {"counts": result["counts"], "referral": result["referral"],
+                                               "out_dir": result["out_dir"]}
     print(json.dumps(summary, indent=2))
     return 0
