@@ -67,14 +67,28 @@ def test_overwrite_refuses_a_run_holding_foreign_files(tmp_path, capsys, data):
     before = tree(out)
     one_line_exit_2(capsys, train_argv(data, out, tmp_path, "--overwrite"), "notes.txt", "keep.safetensors.bak")
     assert tree(out) == before
+    # a pattern's * never spans a folder: files one level deeper than protohead writes are the user's
+    (out / "checkpoints" / "keep.safetensors.bak").unlink()
+    (out / "notes.txt").unlink()
+    for nested in ("checkpoints/archive/epoch3.safetensors", "explain/my_notes/photo.png", "eval-x/a/metrics.json",
+                   "sub/predictions_test.npz"):
+        (out / nested).parent.mkdir(parents=True, exist_ok=True)
+        (out / nested).write_text("mine")
+    before = tree(out)
+    one_line_exit_2(capsys, train_argv(data, out, tmp_path, "--overwrite"), "checkpoints/archive/epoch3.safetensors",
+                    "explain/my_notes/photo.png", "eval-x/a/metrics.json", "sub/predictions_test.npz")
+    assert tree(out) == before
 
 
 def test_overwrite_replaces_a_run_of_its_own(tmp_path, capsys, data):
     out = tmp_path / "run"
     assert cli(train_argv(data, out, tmp_path)) == 0
     (out / "metrics.json").write_text("stale")
+    (out / "ood-noise").mkdir()
+    for name in ("ood.json", "ood_scores.csv", "ood_histogram.png", "ood_roc.png"):  # evaluate --ood's output
+        (out / "ood-noise" / name).write_text("stale")
     assert cli(train_argv(data, out, tmp_path, "--overwrite")) == 0
-    assert not (out / "metrics.json").exists()
+    assert not (out / "metrics.json").exists() and not (out / "ood-noise").exists()
     assert runfolder.read_marker(out)["status"] == "finished"
 
 

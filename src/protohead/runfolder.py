@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from protohead.atomic import write_text_atomic
+from protohead.ood import HISTOGRAM_FILE, OOD_FILE, ROC_FILE, SCORES_FILE
 from protohead.runconfig import RunConfig
 
 CONFIG_FILE = "config.yaml"
@@ -62,10 +63,12 @@ OWN_PATTERNS: tuple[str, ...] = (
     *EVALUATION_FILES,
     f"{CHECKPOINT_DIR}/*.safetensors",
     *(f"eval-*/{name}" for name in EVALUATION_FILES),
+    *(f"ood-*/{name}" for name in (OOD_FILE, SCORES_FILE, HISTOGRAM_FILE, ROC_FILE)),  # evaluate --ood's default
     f"{EXPLAIN_DIR}/*.png", f"{EXPLAIN_DIR}/*.json", f"{EXPLAIN_DIR}/*.html",
     "prototypes/source_*.png", "prototypes/index.json", f"{EXPORT_DIR}/model.onnx", f"{EXPORT_DIR}/model.pt",
 )
-"""Relative paths (fnmatch patterns, ``/``-separated) of every file protohead writes into a run folder."""
+"""Relative paths (``/``-separated; fnmatch patterns matched part by part, so ``*`` never spans a ``/``) of every
+file protohead writes into a run folder."""
 
 TEMP_PATTERN = ".*.tmp"  # atomic writers' temporary siblings (protohead.atomic, checkpoints), in any folder
 
@@ -80,10 +83,11 @@ class RunFolderError(ValueError):
 # ----------------------------------------------------------------------------- recognising a run folder
 def own_file(relative: str) -> bool:
     """Whether ``relative`` (a ``/``-separated path inside a run folder) is a file protohead writes there."""
-    name = relative.rsplit("/", 1)[-1]
-    if fnmatch.fnmatchcase(name, TEMP_PATTERN) and relative.count("/") <= 1:
+    parts = relative.split("/")
+    if fnmatch.fnmatchcase(parts[-1], TEMP_PATTERN) and len(parts) <= 2:
         return True
-    return any(fnmatch.fnmatchcase(relative, pattern) for pattern in OWN_PATTERNS)
+    return any(len(parts) == len(pattern_parts) and all(map(fnmatch.fnmatchcase, parts, pattern_parts))
+               for pattern_parts in (pattern.split("/") for pattern in OWN_PATTERNS))
 
 
 def _entries(run_dir: Path) -> Iterator[tuple[str, Path, bool]]:
