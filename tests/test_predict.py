@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_cli_errors import FULL, TINY, split_layout
 from test_pipeline import config as ham_config
 
@@ -142,19 +143,24 @@ def test_a_checkpoint_refuses_a_head_of_another_configuration(tmp_path):
         torch.testing.assert_close(twin.state_dict()[key], value, equal_nan=True)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_cli_matches_predict(tmp_path, capsys, fmt):
+@pytest.mark.parametrize(("fmt", "views"), [("onnx", 1), ("torchscript", 1), ("onnx", 4), ("torchscript", 4)])
+def test_export_cli_matches_predict(tmp_path, capsys, fmt, views):
+    """The exported model decides as predict does: the post-hoc shift, the temperature and, for a run with views
+    and test-time averaging, the mean of its views' probabilities."""
     from protohead.export import read_export_metadata, run_exported
 
     data = split_layout(tmp_path / "data", {"train": {"a": 3, "b": 3}, "val": FULL, "test": FULL})
+    rng = np.random.default_rng(0)
+    for path in sorted(data.rglob("*.png")):  # images a flip changes (the layout's are uniform squares)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
     out = tmp_path / "run"
     assert cli(["train", "--data", str(data), "--out", str(out), f"cache_dir={tmp_path / 'cache'}", *TINY,
-                "epochs=2", "posthoc_tau=0.5"]) == 0
+                "epochs=2", "posthoc_tau=0.5", f"views={views}"]) == 0
     assert cli(["export", str(out), "--format", fmt]) == 0
     exported = out / "export" / ("model.onnx" if fmt == "onnx" else "model.pt")
     assert str(exported) in capsys.readouterr().out
     meta = read_export_metadata(exported)
-    assert meta["class_names"] == ["a", "b"] and meta["posthoc_tau"] == 0.5
+    assert meta["class_names"] == ["a", "b"] and meta["posthoc_tau"] == 0.5 and len(meta["views"]) == views
     predictor = load_run(out)
     paths = sorted((data / "test").rglob("*.png"))
     images = predictor.backbone.preprocess([read_image(p) for p in paths]).numpy()

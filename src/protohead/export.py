@@ -62,13 +62,22 @@ class DeployModel(nn.Module):
         round_features: round tokens and pooled to float16 and back before the head, as the feature cache
             does: a head trained on cached (frozen-backbone) features saw only such values, and
             ``protohead predict`` rounds them the same way. Leave ``False`` for end-to-end (fine-tuned) runs.
+        views: the flips / rotations (:mod:`protohead.views`) whose class probabilities a prediction averages, as
+            ``protohead predict`` does for a run with ``views > 1`` and ``tta``: the output is then log of the
+            views' mean probability (+ shift, / T), whose softmax is that mean. Default: the image as it is.
     """
 
     logit_shift: torch.Tensor | None
 
     def __init__(self, backbone: nn.Module, head: nn.Module, logit_shift: torch.Tensor | None = None,
-                 round_features: bool = False, temperature: float = 1.0) -> None:
+                 round_features: bool = False, temperature: float = 1.0,
+                 views: tuple[str, ...] = ("identity",)) -> None:
+        from protohead.views import check_view
+
         super().__init__()
+        if not views or views[0] != "identity":
+            raise ValueError(f"views must start with 'identity', got {list(views)}")
+        self.views = tuple(check_view(view) for view in views)
         self.backbone = backbone
         self.head = head
         self.num_classes = head_num_classes(head)
@@ -88,15 +97,26 @@ class DeployModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) float32 preprocessed images → (B, C) logits (+ ``logit_shift`` when set)."""
-        tokens, pooled = self.backbone(images)
-        if self.round_features:
-            tokens, pooled = tokens.half().float(), pooled.half().float()
-        logits = self.head(tokens, pooled)[0]
+        if len(self.views) == 1:
+            logits = self._head_logits(images)
+        else:  # the mean of the views' probabilities, as log-probabilities
+            from protohead.views import apply_view
+
+            probabilities = torch.stack([self._head_logits(apply_view(images, view)).softmax(-1)
+                                         for view in self.views]).mean(0)
+            logits = probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
         if self.logit_shift is not None:
             logits = logits + self.logit_shift.to(logits.dtype)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return logits
+
+
+    def _head_logits(self, images: torch.Tensor) -> torch.Tensor:
+        tokens, pooled = self.backbone(images)
+        if self.round_features:
+            tokens, pooled = tokens.half().float(), pooled.half().float()
+        return self.head(tokens, pooled)[0]
 
 
 def head_num_classes(head: nn.Module) -> int:

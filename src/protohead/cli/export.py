@@ -23,18 +23,22 @@ def main(args: argparse.Namespace) -> int:
     from protohead import runfolder
     from protohead.export import DeployModel, export_model, prior_logit_shift, read_export_metadata
     from protohead.model import EndToEnd, head_of
+    from protohead.pipeline import split_views
+    from protohead.views import view_names
 
     loaded = runfolder.load_model(args.run_dir)
     backbone = runfolder.load_backbone(loaded)
     tau = loaded.posthoc_tau
+    views = view_names(split_views(loaded.config, "test"))  # what predict averages over (views with tta)
     model = DeployModel(backbone, head_of(loaded.model),
                         logit_shift=prior_logit_shift(loaded.class_counts, tau) if tau else None,
-                        round_features=not isinstance(loaded.model, EndToEnd), temperature=loaded.temperature)
+                        round_features=not isinstance(loaded.model, EndToEnd), temperature=loaded.temperature,
+                        views=views)
     suffix = ".onnx" if args.format == "onnx" else ".pt"
     out = args.out or args.run_dir / runfolder.EXPORT_DIR / f"model{suffix}"
     path = export_model(model, out, args.format, backbone.image_size, batch_size=args.batch_size,
                         metadata={"class_names": list(loaded.class_names), "posthoc_tau": tau,
-                                  "calibration_temperature": loaded.temperature,
+                                  "calibration_temperature": loaded.temperature, "views": list(views),
                                   "preset": loaded.config.preset, "backbone": loaded.config.backbone,
                                   "pixel_mean": list(backbone.pixel_mean), "pixel_std": list(backbone.pixel_std)})
     checked = read_export_metadata(path).get("verified_max_abs_diff")
