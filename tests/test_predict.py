@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_cli_errors import FULL, TINY, split_layout
+from test_cli_errors import FULL, TINY, one_line_exit_2, split_layout
 from test_pipeline import config as ham_config
 
 from protohead import runfolder
@@ -106,6 +106,25 @@ def test_predict_cli_from_elsewhere_without_the_data(tmp_path, monkeypatch, caps
         assert line["predicted"] == ["a", "b"][int(row.argmax())]
         np.testing.assert_allclose([line["probabilities"]["a"], line["probabilities"]["b"]], row, atol=1e-6)
     assert len(list((elsewhere / "figures").glob("explain_*.png"))) == len(lines)
+
+
+def test_predict_explain_keeps_one_figure_per_image_and_refuses_a_baseline_first(tmp_path, capsys):
+    data = split_layout(tmp_path / "data", {"train": FULL, "val": FULL, "test": FULL})
+    (data / "test" / "b" / "0.png").rename(data / "test" / "b" / "1.jpg")  # stems 0, 1, 0, 1 in a/ and b/
+    out = tmp_path / "run"
+    assert cli(["train", "--data", str(data), "--out", str(out), f"cache_dir={tmp_path / 'cache'}", *TINY]) == 0
+    capsys.readouterr()
+    assert cli(["predict", str(out), str(data / "test"), "--json", "--explain", str(tmp_path / "figures")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "explain_0.png", "explain_a_1_png.png", "explain_b_1_jpg.png", "explain_b_1_png.png"]
+    linear = tmp_path / "linear"
+    assert cli(["train", "--data", str(data), "--out", str(linear), "--preset", "linear",
+                f"cache_dir={tmp_path / 'cache'}", *TINY]) == 0
+    capsys.readouterr()
+    one_line_exit_2(capsys, ["predict", str(linear), str(data / "test"), "--explain", str(tmp_path / "f2")],
+                    "no prototypes to explain")
+    assert not (tmp_path / "f2").exists()
 
 
 def test_predict_cli_reports_bad_images_and_goes_on(tmp_path, capsys):

@@ -59,8 +59,10 @@ class Prediction:
         source: the path, or ``<array i>`` / ``<image i>`` for in-memory inputs.
         predicted: class name; class_index: its index.
         probabilities: class name → probability after the run's post-hoc prior shift (τ).
-        uncertainty: the abstention probability (abstention heads) or 1 − max probability.
-        uncertainty_source: ``"abstention"`` or ``"max_probability"``.
+        uncertainty: the abstention probability (abstention heads), or 1 − the real-prior probability of the
+            predicted class (:func:`protohead.posthoc.final_outputs`; 1 − max probability for a head trained on the
+            real prior and used without τ).
+        uncertainty_source: ``"abstention"`` or ``"max_probability"`` (the latter in the real-prior form above).
         abstain: abstention heads: whether abstaining is more likely than not (uncertainty ≥ 0.5); else None.
         ood_score: the head's ``ood_score``, higher = further from the training images: the feature distance
             (:mod:`protohead.density`), or the logit energy −logsumexp(logits) for runs without one.
@@ -243,15 +245,20 @@ class RunPredictor:
         return cited
 
 
-    def explain_figure(self, item: ImageInput, out_dir: str | os.PathLike[str], name: str | None = None) -> Path:
-        """Write ``out_dir/explain_<name>.png``: the image, its top-3 prototypes' evidence maps and their source
-        patches (from the run folder's ``prototypes/``). ``ValueError`` for a run without prototypes."""
-        from protohead.explain.explanations import ImagePrediction, SourcePatch, plot_explanation
-        from protohead.explain.gallery import grid_shape, safe_name
-
+    def check_explainable(self) -> None:
+        """``ValueError`` for a run without prototypes (a baseline head): nothing to explain."""
         if not hasattr(self.head, "bank"):
             raise ValueError(f"run {self.loaded.run_dir} uses {self.loaded.config.preset!r}, which has no prototypes "
                              "to explain")
+
+    def explain_figure(self, item: ImageInput, out_dir: str | os.PathLike[str], name: str | None = None) -> Path:
+        """Write ``out_dir/explain_<name>.png``: the image, its top-3 prototypes' evidence maps and their source
+        patches (from the run folder's ``prototypes/``). ``name`` defaults to a path's stem, or ``image`` for an
+        in-memory image (pass distinct names to keep several). ``ValueError`` for a run without prototypes."""
+        from protohead.explain.explanations import ImagePrediction, SourcePatch, plot_explanation
+        from protohead.explain.gallery import grid_shape, safe_name
+
+        self.check_explainable()
         if self._sources is None:
             self._sources = {key: SourcePatch(record["image"], record["image_id"], record["token"])
                              for key, record in runfolder.read_prototype_sources(self.loaded.run_dir).items()}

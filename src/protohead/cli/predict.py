@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from protohead.cli.common import guarded
@@ -34,6 +36,21 @@ def expand_inputs(items: list[Path]) -> list[Path]:
     return paths
 
 
+def explanation_names(paths: list[Path]) -> dict[Path, str]:
+    """A distinct figure name per input: the file's stem, or — where stems repeat (``a/x.png``, ``b/x.png``,
+    ``b/x.jpg``) — its path below the inputs' common folder, suffix included (``b_x_jpg``)."""
+    stems = Counter(path.stem for path in paths)
+    common = Path(os.path.commonpath([path.absolute() for path in paths])) if paths else Path()
+    names = {}
+    for path in paths:
+        if stems[path.stem] == 1:
+            names[path] = path.stem
+        else:
+            relative = path.absolute().relative_to(common) if path.absolute() != common else Path(path.name)
+            names[path] = relative.with_suffix("").as_posix() + path.suffix.replace(".", "_")  # b/1.jpg → b/1_jpg
+    return names
+
+
 def main(args: argparse.Namespace) -> int:
     from protohead.predict import load_run
 
@@ -44,6 +61,8 @@ def main(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError(f"no images found in {', '.join(map(str, args.images))}")
     if args.explain is not None:
+        predictor.check_explainable()  # before any output, not after the first prediction
+        figure_names = explanation_names(paths)
         args.explain.mkdir(parents=True, exist_ok=True)
     failures = 0
     if not args.json:
@@ -63,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"{str(path)[-40:]:40s} {result.predicted:>10s} {result.probabilities[result.predicted]:6.3f} "
                   f"{result.uncertainty:8.3f}{flag}  {cited}")
         if args.explain is not None:
-            predictor.explain_figure(path, args.explain)
+            predictor.explain_figure(path, args.explain, figure_names[path])
     if failures:
         print(f"protohead predict: {failures} of {len(paths)} image(s) could not be read", file=sys.stderr)
         return 2
