@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import roc_curve
 from test_cli_errors import FULL, TINY, split_layout
@@ -202,6 +203,32 @@ def test_evaluate_ood_end_to_end(tmp_path, capsys, monkeypatch):
     (tmp_path / "empty").mkdir()
     assert cli(["evaluate", str(run), "--ood", str(tmp_path / "empty")]) == 2
     assert "no image files" in capsys.readouterr().err
+
+
+def test_ood_scoring_averages_the_views_as_predictions_do(tmp_path):
+    """A run with views and test-time averaging: the scored split's probabilities, uncertainty and feature distance
+    are those predict reports (averaged over the views), so evaluate --ood measures the run's own rule."""
+    from protohead.ood import run_scoring
+
+    data = split_layout(tmp_path / "data", {"train": FULL, "val": FULL, "test": FULL})
+    rng = np.random.default_rng(0)
+    for path in sorted(data.rglob("*.png")):  # images a flip changes
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+    run = tmp_path / "run"
+    assert cli(["train", "--data", str(data), "--out", str(run), f"cache_dir={tmp_path / 'cache'}", *TINY,
+                "views=4"]) == 0
+    predictor, _, scored = run_scoring(run)
+    predictions = predictor.predict([str(data / source) for source in scored.sources])
+    expected = np.array([[p.probabilities[c] for c in ("a", "b")] for p in predictions])
+    # (predict also applies the calibration temperature; the arg-max and the uncertainty do not depend on it)
+    assert (scored.probabilities.argmax(1) == expected.argmax(1)).all()
+    np.testing.assert_allclose(scored.uncertainty, [p.uncertainty for p in predictions], atol=1e-5)
+    np.testing.assert_allclose(scored.feature_distances, [p.ood_score for p in predictions], rtol=1e-4)
+    assert predictor.views == ("identity", "hflip", "vflip", "rot180")
+    arrays = [np.asarray(Image.open(data / source).convert("RGB")) for source in scored.sources]
+    with torch.no_grad():
+        identity = predictor.loaded.model(*predictor.features(arrays))[2]["feature_distance"].double().numpy()
+    assert np.abs(identity - scored.feature_distances).max() > 1e-3 * np.abs(identity).max()  # the views matter here
 
 
 def test_evaluate_without_ood_is_unchanged_and_ood_options_need_ood(tmp_path, capsys):

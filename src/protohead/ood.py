@@ -236,13 +236,15 @@ class HeadOutputs:
     """What the OOD scores read from a run's head, for n images.
 
     Attributes:
-        logits: (n, C) raw class logits (before the prior shift).
+        logits: (n, C) raw class logits (before the prior shift) of the image as it is (identity view).
         probabilities: (n, C) class probabilities after the run's post-hoc prior shift τ (the decision), before
-            any calibration temperature (which can reorder the maxima across images a little).
-        similarities: (n, C, M) prototype similarities, −inf in unused slots; None for the baselines.
+            any calibration temperature (which can reorder the maxima across images a little); for a run that
+            averages views (``views`` with ``tta``), their mean over the views, as predictions are.
+        similarities: (n, C, M) prototype similarities, −inf in unused slots (identity view); None for the
+            baselines.
         sources: n names (file paths or image ids), for the per-image CSV.
-        feature_distances: (n,) the head's feature distance (:mod:`protohead.density`); None for a run that
-            has not fitted it (runs from before it existed).
+        feature_distances: (n,) the head's feature distance (:mod:`protohead.density`), averaged over the views
+            as predictions are; None for a run that has not fitted it (runs from before it existed).
         uncertainty: (n,) the uncertainty the run reports (:func:`protohead.posthoc.final_outputs`: the abstention
             probability or 1 − the real-prior probability of the predicted class); None when not computed.
     """
@@ -286,24 +288,34 @@ class HeadOutputs:
         raise ValueError(f"unknown OOD method {method!r}; expected one of {list(METHODS)}")
 
 
-def head_outputs(predictor: Any, batches: Iterable[tuple[Any, Any]], sources: Sequence[str]) -> HeadOutputs:
-    """Run ``predictor``'s head on feature batches.
+def head_outputs(predictor: Any, batches: Iterable[Sequence[tuple[Any, Any]]], sources: Sequence[str]) -> HeadOutputs:
+    """Run ``predictor``'s head on feature batches, each under the run's views (``predictor.views``).
+
+    What the run decides with is averaged over the views as :meth:`RunPredictor.outputs` averages it
+    (:data:`protohead.views.AVERAGED_KEYS`: probabilities, uncertainty, feature distance), so the ``mahalanobis``
+    and ``max_probability`` scores and the referral are the run's own; ``logits`` and ``similarities`` (and the
+    scores made of them) are the image's as it is.
 
     Args:
         predictor: a :class:`protohead.predict.RunPredictor`.
-        batches: (tokens (B, N, F), pooled (B, F)) float tensors, as ``predictor.features`` gives them.
+        batches: per batch, one (tokens (B, N, F), pooled (B, F)) pair of float tensors per view of
+            ``predictor.views``, as ``predictor.features(images, view)`` gives them.
         sources: one name per image over all batches (read after ``batches`` is exhausted).
     """
     import torch
 
     from protohead.model import uncertainty_rule
     from protohead.posthoc import final_outputs
+    from protohead.views import average_view_outputs
 
     logits, probs, sims, distances, uncertainty = [], [], [], [], []
     loaded = predictor.loaded
     with torch.no_grad():
-        for tokens, pooled in batches:
-            batch_logits, _, info = loaded.model(tokens, pooled)
+        for views in batches:
+            if len(views) != len(predictor.views):
+                raise ValueError(f"{len(views)} views of a batch, the run averages {len(predictor.views)}")
+            outputs = [loaded.model(tokens, pooled) for tokens, pooled in views]
+            batch_logits, info = outputs[0][0], average_view_outputs([output[2] for output in outputs])
             logits.append(batch_logits.double().numpy())
             probs.append(info["probabilities"].double().numpy())
             uncertainty.append(info["uncertainty"].double().numpy())
@@ -327,8 +339,13 @@ def head_outputs(predictor: Any, batches: Iterable[tuple[Any, Any]], sources: Se
 def array_outputs(predictor: Any, arrays: Sequence[np.ndarray], sources: Sequence[str]) -> HeadOutputs:
     """Head outputs of (H, W, 3) uint8 images through the run's backbone, ``predictor.batch_size`` at a time."""
     size = predictor.batch_size
-    return head_outputs(predictor, (predictor.features(arrays[i:i + size]) for i in range(0, len(arrays), size)),
+    return head_outputs(predictor, (_view_features(predictor, arrays[i:i + size]) for i in range(0, len(arrays), size)),
                         sources)
+
+
+def _view_features(predictor: Any, arrays: Sequence[np.ndarray]) -> list[tuple[Any, Any]]:
+    """(tokens, pooled) of uint8 images under each of the run's views."""
+    return [predictor.features(arrays, view) for view in predictor.views]
 
 
 def split_outputs(predictor: Any, split: Any, cache_dir: str | os.PathLike[str] | None = None) -> HeadOutputs:
@@ -343,13 +360,15 @@ def split_outputs(predictor: Any, split: Any, cache_dir: str | os.PathLike[str] 
     size = predictor.batch_size
     starts = range(0, len(split), size)
     if isinstance(predictor.loaded.model, EndToEnd) or cache_dir is None:  # decode one batch at a time
-        batches = (predictor.features([split.load(i) for i in range(start, min(start + size, len(split)))])
+        batches = (_view_features(predictor, [split.load(i) for i in range(start, min(start + size, len(split)))])
                    for start in starts)
         return head_outputs(predictor, batches, list(split.ids))
     from protohead.features import extract_features
 
-    features = extract_features(predictor.backbone, split, cache_dir, progress=False)
-    batches = (features.torch_batch(np.arange(start, min(start + size, len(split))))[:2] for start in starts)
+    views = [extract_features(predictor.backbone, split, cache_dir, progress=False, view=view)
+             for view in predictor.views]
+    batches = ([features.torch_batch(np.arange(start, min(start + size, len(split))))[:2] for features in views]
+               for start in starts)
     return head_outputs(predictor, batches, list(split.ids))
 
 
@@ -368,7 +387,7 @@ def file_outputs(predictor: Any, paths: Sequence[str | os.PathLike[str]]
     good: list[str] = []
     bad: list[tuple[str, str]] = []
 
-    def batches() -> Iterable[tuple[Any, Any]]:  # read, encode and score one batch at a time
+    def batches() -> Iterable[list[tuple[Any, Any]]]:  # read, encode and score one batch at a time
         arrays: list[np.ndarray] = []
         for path in paths:
             try:
@@ -381,10 +400,10 @@ def file_outputs(predictor: Any, paths: Sequence[str | os.PathLike[str]]
                 continue
             good.append(str(path))
             if len(arrays) == predictor.batch_size:
-                yield predictor.features(arrays)
+                yield _view_features(predictor, arrays)
                 arrays = []
         if arrays:
-            yield predictor.features(arrays)
+            yield _view_features(predictor, arrays)
 
     stream = batches()
     first = next(stream, None)  # reads until the first batch, or through every file when none is readable
