@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = parser.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="entries (least recently used first), sizes, leftovers, foreign paths")
-    prune = actions.add_parser("prune", help="remove entries: by size, age, key or all; only what the cache wrote")
+    prune = actions.add_parser("prune", help="remove entries: by size, age, key or all; only what the cache wrote "
+                                             "(every prune also removes what interrupted extractions left, unless "
+                                             "a process is still writing it)")
     for sub in (listing, prune):
         sub.add_argument("--cache-dir", type=Path,
                          help="feature cache folder (default $PROTOHEAD_CACHE/features or ~/.cache/protohead/features, "
