@@ -111,7 +111,6 @@ class DeployModel(nn.Module):
             logits = logits / self.temperature
         return logits
 
-
     def _head_logits(self, images: torch.Tensor) -> torch.Tensor:
         tokens, pooled = self.backbone(images)
         if self.round_features:

@@ -244,7 +244,6 @@ class RunPredictor:
                                            int(head.push_token[c, slot]) if image_index >= 0 else None, evidence))
         return cited
 
-
     def check_explainable(self) -> None:
         """``ValueError`` for a run without prototypes (a baseline head): nothing to explain."""
         if not hasattr(self.head, "bank"):
