@@ -215,6 +215,7 @@ def test_referral_is_set_on_validation_and_predict_applies_it(ham_run, tmp_path)
     on_val = evaluate_run(out, split="val", out_dir=tmp_path / "val")["referral"]
     assert 0 < on_val["referred_uncertain"] <= 0.1  # 84 validation images: 8 above the threshold
     metrics = json.loads((out / "metrics.json").read_text())["referral"]
+    assert f"{metrics['referred']:.1%} of test images referred" in (out / "report.md").read_text()
     test = predictor.predict(list(load_data(cfg).splits["test"].sources))
     assert np.mean([p.refer for p in test]) == pytest.approx(metrics["referred"])
     assert np.mean(["uncertain" in p.refer_reasons for p in test]) == pytest.approx(metrics["referred_uncertain"])
