@@ -162,7 +162,7 @@ def test_a_checkpoint_refuses_a_head_of_another_configuration(tmp_path):
         torch.testing.assert_close(twin.state_dict()[key], value, equal_nan=True)
 
 
-@pytest.mark.parametrize(("fmt", "views"), [("onnx", 1), ("torchscript", 1), ("onnx", 4), ("torchscript", 4)])
+@pytest.mark.parametrize(("fmt", "views"), [("onnx", 1), ("torchscript", 1), ("onnx", 8), ("torchscript", 4)])
 def test_export_cli_matches_predict(tmp_path, capsys, fmt, views):
     """The exported model decides as predict does: the post-hoc shift, the temperature and, for a run with views
     and test-time averaging, the mean of its views' probabilities."""

@@ -51,10 +51,11 @@ def apply_view(images: torch.Tensor, view: str) -> torch.Tensor:
         return images.flip(height)
     if view == "rot180":
         return images.flip(height, width)
+    # the quarter turns as a flip and a transpose: exactly torch.rot90(±1), and exportable to ONNX (rot90 is not)
     if view == "rot90":
-        return images.rot90(1, (height, width))
+        return images.flip(width).transpose(height, width)
     if view == "rot270":
-        return images.rot90(-1, (height, width))
+        return images.flip(height).transpose(height, width)
     if view == "transpose":
         return images.transpose(height, width)
     return images.flip(height, width).transpose(height, width)  # antitranspose
