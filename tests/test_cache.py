@@ -145,6 +145,15 @@ def test_a_data_folder_given_as_the_cache_loses_nothing(tmp_path: Path, capsys: 
     (data / "images").mkdir(parents=True)
     (data / "images" / "x.jpg").write_bytes(b"\xff\xd8")
     (data / "metadata.csv").write_text("a,b\n")
+    # folders named as the cache names its own, holding what it never writes
+    (data / ".tmp-0123456789abcdef-backup").mkdir()
+    (data / ".tmp-0123456789abcdef-backup" / "thesis.docx").write_text("years of work")
+    (data / ".trash-0123456789abcdef-old" / "sub").mkdir(parents=True)
+    (data / ("ab" * 32)).mkdir()
+    (data / ("ab" * 32) / MANIFEST_FILE).write_text('{"study": "mine"}')
+    (data / ("cd" * 32)).mkdir()
+    (data / ("cd" * 32) / TOKENS_FILE).write_text("mine")  # an array alone: not an entry either
+    assert len(list_cache(data).foreign) == 6 and not list_cache(data).entries and not list_cache(data).leftovers
     before = sorted(str(p) for p in data.rglob("*"))
     assert cli(["cache", "prune", "--cache-dir", str(data), "--all"]) == 0
     assert "removed 0 of 0 entries" in capsys.readouterr().out

@@ -7,9 +7,10 @@ split). Removal is limited to what the cache wrote and can recognise, so pointin
 nothing:
 
 - an entry is a folder named by a 64-hex-digit key holding only ``tokens.f16``, ``pooled.f16``, ``manifest.json``
-  (and the temporary manifest a crash can leave); any other folder or file is foreign, listed and never touched;
-- ``.tmp-*`` / ``.trash-*`` folders an interrupted extraction left are removed only when no process holds the lock
-  of a key they can belong to (a live writer holds it);
+  (and the temporary manifest a crash can leave), with both arrays — or, if they are gone, a manifest naming that
+  key; any other folder or file is foreign, listed and never touched;
+- ``.tmp-<16 hex>-*`` / ``.trash-<16 hex>-*`` folders holding only such files are what an interrupted extraction
+  left; they are removed only when no process holds the lock of a key they can belong to (a live writer holds it);
 - an entry is removed under its own lock, taken without waiting (an entry being written is skipped), by moving it
   aside first and deleting the moved folder, so a reader opening it finds it whole or absent. A process that already
   has it open keeps reading it (POSIX file systems delete a file only when its last reader closes it).
@@ -21,6 +22,7 @@ nothing:
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -106,13 +108,39 @@ def format_size(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
+def _only_cache_files(path: Path) -> list[str] | None:
+    """The names in folder ``path`` when every one is a plain file the cache writes into an entry (the arrays, the
+    manifest, a temporary manifest a crash left); ``None`` when anything else is there (a folder, a link, another
+    file) or ``path`` is not a plain folder."""
+    if path.is_symlink() or not path.is_dir():
+        return None
+    names = []
+    for child in path.iterdir():
+        if child.is_symlink() or not child.is_file() or not (
+                child.name in (TOKENS_FILE, POOLED_FILE, MANIFEST_FILE) or child.name.startswith(f".{MANIFEST_FILE}.")):
+            return None
+        names.append(child.name)
+    return names
+
+
 def _is_entry(path: Path) -> bool:
-    """A folder the cache wrote: a key for a name, only the cache's files inside, no links."""
-    if not ENTRY_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+    """A folder the cache wrote: a key for a name, only the cache's files inside, and its arrays — or, when they are
+    gone, a manifest naming the folder's key."""
+    names = _only_cache_files(path) if ENTRY_NAME.fullmatch(path.name) else None
+    if names is None:
         return False
-    known = {TOKENS_FILE, POOLED_FILE, MANIFEST_FILE}
-    return all((child.name in known or child.name.startswith(f".{MANIFEST_FILE}."))
-               and child.is_file() and not child.is_symlink() for child in path.iterdir())
+    if TOKENS_FILE in names and POOLED_FILE in names:
+        return True
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("key") == path.name and "format_version" in manifest
+
+
+def _is_leftover(path: Path) -> bool:
+    """What an interrupted extraction left: ``.tmp-<key16>-*`` / ``.trash-<key16>-*`` holding only cache files."""
+    return LEFTOVER_NAME.fullmatch(path.name) is not None and _only_cache_files(path) is not None
 
 
 def _read_entry(path: Path) -> CacheEntry:
@@ -146,7 +174,7 @@ def list_cache(cache_dir: str | Path) -> CacheListing:
             continue
         if _is_entry(path):
             entries.append(_read_entry(path))
-        elif LEFTOVER_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+        elif _is_leftover(path):
             leftovers.append(path)
         else:
             foreign.append(path)
@@ -253,7 +281,7 @@ def remove_leftovers(cache_dir: str | Path, leftovers: Sequence[Path]) -> tuple[
     removed, skipped = [], []
     for path in leftovers:
         with _held_without_waiting(cache_dir, _writer_keys(cache_dir, path)) as held:
-            if held and path.is_dir() and not path.is_symlink():
+            if held and _is_leftover(path):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
             else:

@@ -239,10 +239,13 @@ def _open_entry(entry: Path, manifest: dict[str, Any], key: str | None, ids: Seq
     except (KeyError, TypeError) as error:
         raise CorruptCacheError(f"feature cache manifest {manifest_path} is malformed: {error!r}") from error
     labels.flags.writeable = False
-    return FeatureSet(tokens=_open_array(entry / TOKENS_FILE, shapes[TOKENS_FILE]),
-                      pooled=_open_array(entry / POOLED_FILE, shapes[POOLED_FILE]),
-                      labels=labels, ids=cached_ids, key=str(manifest["key"]), path=entry,
-                      image_digests=None if digests is None else tuple(digests))
+    try:  # (an entry removed since its checks, e.g. by `protohead cache prune`, is a miss like any other)
+        tokens = _open_array(entry / TOKENS_FILE, shapes[TOKENS_FILE])
+        pooled = _open_array(entry / POOLED_FILE, shapes[POOLED_FILE])
+    except OSError as error:
+        raise CorruptCacheError(f"feature cache entry {entry} cannot be opened: {error}") from error
+    return FeatureSet(tokens=tokens, pooled=pooled, labels=labels, ids=cached_ids, key=str(manifest["key"]),
+                      path=entry, image_digests=None if digests is None else tuple(digests))
 
 
 def touch_entry(entry: Path) -> None:
