@@ -224,6 +224,7 @@ def test_ood_scoring_averages_the_views_as_predictions_do(tmp_path):
     assert (scored.probabilities.argmax(1) == expected.argmax(1)).all()
     np.testing.assert_allclose(scored.uncertainty, [p.uncertainty for p in predictions], atol=1e-5)
     np.testing.assert_allclose(scored.feature_distances, [p.ood_score for p in predictions], rtol=1e-4)
+    np.testing.assert_allclose(scored.ood_score, [p.ood_score for p in predictions], rtol=1e-4)
     assert predictor.views == ("identity", "hflip", "vflip", "rot180")
     arrays = [np.asarray(Image.open(data / source).convert("RGB")) for source in scored.sources]
     with torch.no_grad():

@@ -118,6 +118,11 @@ def test_predict_explain_keeps_one_figure_per_image_and_refuses_a_baseline_first
     assert len(capsys.readouterr().out.splitlines()) == 4
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
         "explain_0.png", "explain_a_1_png.png", "explain_b_1_jpg.png", "explain_b_1_png.png"]
+    from protohead.cli.predict import explanation_names
+
+    for names in (["a b.png", "a_b.png"], ["甲.jpg", "乙.jpg"], ["a/x.png", "b/x.png", "a_x_png.jpg"]):
+        chosen = explanation_names([tmp_path / "in" / name for name in names])
+        assert len(set(chosen.values())) == len(names), chosen  # distinct once file-safe, too
     linear = tmp_path / "linear"
     assert cli(["train", "--data", str(data), "--out", str(linear), "--preset", "linear",
                 f"cache_dir={tmp_path / 'cache'}", *TINY]) == 0

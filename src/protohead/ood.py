@@ -247,6 +247,8 @@ class HeadOutputs:
             as predictions are; None for a run that has not fitted it (runs from before it existed).
         uncertainty: (n,) the uncertainty the run reports (:func:`protohead.posthoc.final_outputs`: the abstention
             probability or 1 − the real-prior probability of the predicted class); None when not computed.
+        ood_score: (n,) the head's own ``ood_score`` averaged over the views, what ``predict`` compares with the
+            run's threshold; None when not computed.
     """
 
     logits: np.ndarray
@@ -255,6 +257,7 @@ class HeadOutputs:
     sources: list[str]
     feature_distances: np.ndarray | None = None
     uncertainty: np.ndarray | None = None
+    ood_score: np.ndarray | None = None
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -308,7 +311,7 @@ def head_outputs(predictor: Any, batches: Iterable[Sequence[tuple[Any, Any]]], s
     from protohead.posthoc import final_outputs
     from protohead.views import average_view_outputs
 
-    logits, probs, sims, distances, uncertainty = [], [], [], [], []
+    logits, probs, sims, distances, uncertainty, ood_score = [], [], [], [], [], []
     loaded = predictor.loaded
     with torch.no_grad():
         for views in batches:
@@ -319,6 +322,7 @@ def head_outputs(predictor: Any, batches: Iterable[Sequence[tuple[Any, Any]]], s
             logits.append(batch_logits.double().numpy())
             probs.append(info["probabilities"].double().numpy())
             uncertainty.append(info["uncertainty"].double().numpy())
+            ood_score.append(info["ood_score"].double().numpy())
             if info.get("similarities") is not None:
                 sims.append(info["similarities"].double().numpy())
             if info.get("feature_distance") is not None:
@@ -330,7 +334,7 @@ def head_outputs(predictor: Any, batches: Iterable[Sequence[tuple[Any, Any]]], s
                                                    *uncertainty_rule(loaded.model, loaded.selection))
     similarities = np.concatenate(sims) if sims else None
     out = HeadOutputs(np.concatenate(logits), probabilities, similarities, list(sources),
-                      np.concatenate(distances) if distances else None, run_uncertainty)
+                      np.concatenate(distances) if distances else None, run_uncertainty, np.concatenate(ood_score))
     if len(out.sources) != len(out.logits):
         raise ValueError(f"{len(out.sources)} sources for {len(out.logits)} scored images")
     return out
@@ -467,13 +471,11 @@ def referral_of_sets(selection: dict[str, Any], sets: dict[str, HeadOutputs]) ->
 
     if selection.get("uncertainty_threshold") is None:
         return None
-    method = selection.get("ood_method") or DEFAULT_METHOD
     result = {}
     for name, outputs in sets.items():
-        if outputs.uncertainty is None:
-            raise ValueError(f"the outputs of {name!r} carry no uncertainty")
-        ood_score = outputs.scores(method) if method in outputs.methods else None
-        uncertain, unlike = refer_mask(outputs.uncertainty, ood_score, selection)
+        if outputs.uncertainty is None or outputs.ood_score is None:
+            raise ValueError(f"the outputs of {name!r} carry no uncertainty or OOD score")
+        uncertain, unlike = refer_mask(outputs.uncertainty, outputs.ood_score, selection)
         result[name] = {"n": len(uncertain), "referred": float((uncertain | unlike).mean()),
                         "referred_uncertain": float(uncertain.mean()), "referred_unlike_training": float(unlike.mean())}
     return result

@@ -2,9 +2,9 @@
 
 A safety-critical classifier is used with a rule for handing a case to a person. A run refers an image when
 
-- its uncertainty (the run's ``uncertainty_source``: the abstention probability or 1 − max probability of the
-  prior-aware probabilities) is above the threshold that ``refer_coverage`` of the validation images stay under
-  (``"uncertain"``: a hard case), or
+- its uncertainty (what the run reports, :func:`protohead.posthoc.final_outputs`: the abstention probability, or
+  1 − the real-prior probability of the class it predicts) is above the threshold that ``refer_coverage`` of the
+  validation images stay under (``"uncertain"``: a hard case), or
 - its ``ood_score`` is above the run's out-of-distribution threshold (``"unlike_training"``: not like the
   training lesions — another kind of image, or an unfamiliar one).
 

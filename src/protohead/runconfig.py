@@ -168,8 +168,8 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": (lambda v: v >= 1, "epochs and batch_size must be ≥ 1"),
     "batch_size": (lambda v: v >= 1, "epochs and batch_size must be ≥ 1"),
     "eval_batch_size": (lambda v: v >= 1, "eval_batch_size must be ≥ 1"),
-    "refer_coverage": (lambda v: 0 < v <= 1, "refer_coverage must be in (0, 1] (1: refer only what is unlike "
-                                             "the training images)"),
+    "refer_coverage": (lambda v: 0 < v <= 1, "refer_coverage must be in (0, 1] (1: the threshold is the largest "
+                                             "validation uncertainty)"),
     "views": (lambda v: 1 <= v <= 8, "views must be between 1 and 8 (the symmetries of the square)"),
     "image_size": (lambda v: v >= 32, "image_size must be ≥ 32"),
     "finetune_image_size": (lambda v: v >= 32, "finetune_image_size must be ≥ 32"),

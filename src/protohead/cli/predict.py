@@ -37,17 +37,30 @@ def expand_inputs(items: list[Path]) -> list[Path]:
 
 
 def explanation_names(paths: list[Path]) -> dict[Path, str]:
-    """A distinct figure name per input: the file's stem, or — where stems repeat (``a/x.png``, ``b/x.png``,
-    ``b/x.jpg``) — its path below the inputs' common folder, suffix included (``b_x_jpg``)."""
-    stems = Counter(path.stem for path in paths)
+    """A distinct file-safe figure name per input: the file's stem; where stems repeat (``a/x.png``, ``b/x.png``,
+    ``b/x.jpg``) its path below the inputs' common folder, suffix included (``b_x_jpg``); and where names still meet
+    once made file-safe (``a b.png``, ``a_b.png``), a counter (``a_b_2``)."""
+    from protohead.explain.gallery import safe_name
+
     common = Path(os.path.commonpath([path.absolute() for path in paths])) if paths else Path()
-    names = {}
+
+    def below_common(path: Path) -> str:
+        relative = path.absolute().relative_to(common) if path.absolute() != common else Path(path.name)
+        return relative.with_suffix("").as_posix() + path.suffix.replace(".", "_")  # b/1.jpg → b/1_jpg
+
+    stems = Counter(safe_name(path.stem) for path in paths)
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
     for path in paths:
-        if stems[path.stem] == 1:
-            names[path] = path.stem
-        else:
-            relative = path.absolute().relative_to(common) if path.absolute() != common else Path(path.name)
-            names[path] = relative.with_suffix("").as_posix() + path.suffix.replace(".", "_")  # b/1.jpg → b/1_jpg
+        name = safe_name(path.stem)
+        if stems[name] > 1:
+            name = safe_name(below_common(path))
+        unique, count = name, 1
+        while unique in taken:
+            count += 1
+            unique = f"{name}_{count}"
+        taken.add(unique)
+        names[path] = unique
     return names
 
 
