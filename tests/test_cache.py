@@ -127,7 +127,7 @@ def test_cli_list_and_prune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     (cache / "notes.txt").write_text("mine")
     assert cli(["cache", "list", "--cache-dir", str(cache)]) == 0
     out = capsys.readouterr().out
-    assert "3 entries" in out and all(key[:12] in out for key in keys) and "(3 copied)" in out
+    assert "3 entries" in out and all(key[:12] in out for key in keys) and "(3 copied)" in out and "16×8" in out
     assert "not written by the cache (left alone)" in out and "notes.txt" in out
     assert cli(["cache", "prune", "--cache-dir", str(cache), "--all", "--dry-run", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

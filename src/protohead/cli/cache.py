@@ -60,9 +60,11 @@ def _row(entry_description: dict) -> str:
     reused = entry_description["rows_reused"]
     rows_text = f"{rows}" + (f" ({reused} copied)" if reused else "")
     state = entry_description["problem"] or "ok"
+    shape = entry_description["tokens_shape"]
+    tokens = f"{shape[1]}×{shape[2]}" if shape else "?"  # N × F: multi-scale tokens are wider
     return (f"{entry_description['key'][:12]}  {format_size(entry_description['bytes']):>10}  {when}  "
-            f"{entry_description['backbone']:<24} {entry_description['view']:<10} {entry_description['split']:<6} "
-            f"{rows_text:<20} {state}")
+            f"{entry_description['backbone']:<24} {tokens:<9} {entry_description['view']:<13} "
+            f"{entry_description['split']:<6} {rows_text:<20} {state}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -87,7 +89,7 @@ def _list(cache_dir: Path, listing: CacheListing, as_json: bool) -> int:
         return 0
     print(f"{cache_dir}: {len(listing.entries)} entries, {format_size(listing.bytes)}")
     if listing.entries:
-        print(f"{'key':<12}  {'size':>10}  {'last used':<16}  {'backbone':<24} {'view':<10} {'split':<6} "
+        print(f"{'key':<12}  {'size':>10}  {'last used':<16}  {'backbone':<24} {'tokens':<9} {'view':<13} {'split':<6} "
               f"{'rows':<20} state")
     for entry in listing.entries:
         print(_row(entry.describe()))
