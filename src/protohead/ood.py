@@ -467,7 +467,7 @@ def referral_of_sets(selection: dict[str, Any], sets: dict[str, HeadOutputs]) ->
     """Share of each set's images the run refers (:mod:`protohead.referral`: its stored uncertainty and OOD
     thresholds), and why: set name → ``referred``, ``referred_uncertain``, ``referred_unlike_training``, ``n``.
     ``None`` for a run without a referral rule (trained before it existed)."""
-    from protohead.referral import refer_mask
+    from protohead.referral import referred_shares
 
     if selection.get("uncertainty_threshold") is None:
         return None
@@ -475,9 +475,8 @@ def referral_of_sets(selection: dict[str, Any], sets: dict[str, HeadOutputs]) ->
     for name, outputs in sets.items():
         if outputs.uncertainty is None or outputs.ood_score is None:
             raise ValueError(f"the outputs of {name!r} carry no uncertainty or OOD score")
-        uncertain, unlike = refer_mask(outputs.uncertainty, outputs.ood_score, selection)
-        result[name] = {"n": len(uncertain), "referred": float((uncertain | unlike).mean()),
-                        "referred_uncertain": float(uncertain.mean()), "referred_unlike_training": float(unlike.mean())}
+        result[name] = {"n": len(outputs.uncertainty),
+                        **referred_shares(outputs.uncertainty, outputs.ood_score, selection)}
     return result
 
 

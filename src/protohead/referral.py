@@ -28,14 +28,11 @@ UNLIKE_TRAINING = "unlike_training"
 def referral_reasons(uncertainty: float, ood_score: float | None, selection: dict[str, Any]) -> list[str] | None:
     """Why one image is referred (``[]``: the run decides it) under the thresholds of a run's ``selection`` record;
     ``None`` when the run has no uncertainty threshold (trained before referral existed)."""
-    threshold = selection.get("uncertainty_threshold")
-    if threshold is None:
+    if selection.get("uncertainty_threshold") is None:
         return None
-    reasons = [UNCERTAIN] if uncertainty > threshold else []
-    ood_threshold = selection.get("ood_threshold")
-    if ood_threshold is not None and ood_score is not None and ood_score > ood_threshold:
-        reasons.append(UNLIKE_TRAINING)
-    return reasons
+    uncertain, unlike = refer_mask(np.array([uncertainty]), None if ood_score is None else np.array([ood_score]),
+                                   selection)
+    return [reason for reason, flagged in ((UNCERTAIN, uncertain[0]), (UNLIKE_TRAINING, unlike[0])) if flagged]
 
 
 def refer_mask(uncertainty: np.ndarray, ood_score: np.ndarray | None,
@@ -47,6 +44,18 @@ def refer_mask(uncertainty: np.ndarray, ood_score: np.ndarray | None,
     if ood_threshold is None or ood_score is None:
         return uncertain, np.zeros_like(uncertain)
     return uncertain, np.asarray(ood_score, dtype=np.float64) > float(ood_threshold)
+
+
+def referred_shares(uncertainty: np.ndarray, ood_score: np.ndarray | None,
+                    selection: dict[str, Any]) -> dict[str, float]:
+    """Share of (n,) images the rule refers (``referred``), and by each test (``referred_uncertain``,
+    ``referred_unlike_training``; an image may be flagged by both) — no labels needed."""
+    return _shares(*refer_mask(uncertainty, ood_score, selection))
+
+
+def _shares(uncertain: np.ndarray, unlike: np.ndarray) -> dict[str, float]:
+    return {"referred": float((uncertain | unlike).mean()), "referred_uncertain": float(uncertain.mean()),
+            "referred_unlike_training": float(unlike.mean())}
 
 
 def referral_metrics(predicted: np.ndarray, labels: np.ndarray, uncertainty: np.ndarray, ood_score: np.ndarray | None,
@@ -74,9 +83,7 @@ def referral_metrics(predicted: np.ndarray, labels: np.ndarray, uncertainty: np.
     correct = predicted == labels
     return {
         "refer_coverage": selection.get("refer_coverage"),
-        "referred": float(referred.mean()),
-        "referred_uncertain": float(uncertain.mean()),
-        "referred_unlike_training": float(unlike.mean()),
+        **_shares(uncertain, unlike),
         "decided_accuracy": float(correct[decided].mean()) if decided.any() else None,
         "decided_balanced_accuracy": (float(np.mean([correct[decided & (labels == c)].mean()
                                                      for c in np.unique(labels[decided])]))
